@@ -1,0 +1,174 @@
+"""Hugging Face LLaMA checkpoints <-> our param tree.
+
+Import streams: every param is built with `jax.make_array_from_callback`, so each device's shard
+is read straight from the memory-mapped file (torch's `[out, in]` weights transposed to our
+`[in, out]`, per-layer tensors stacked on the layer axis, the vocabulary padded with zero rows).
+No host ever holds more than one shard of one param.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from cnllama_jax import sharding as shd
+from cnllama_jax import tensor_files
+from cnllama_jax.config import LlamaConfig, load_hf_config
+from cnllama_jax.model import abstract_params
+
+# Keys that some checkpoints carry and that hold no weights of ours.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_MAX_LISTED = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+  """One param of ours and the HF tensor(s) it comes from.
+
+  path: our param path; hf_key: the HF key (with `{layer}` when stacked over layers);
+  transpose: HF stores the transpose of ours; vocab_axis: our axis padded to padded_vocab_size.
+  """
+  path: tuple[str, ...]
+  hf_key: str
+  transpose: bool = False
+  vocab_axis: int | None = None
+
+  @property
+  def stacked(self) -> bool:
+    return "{layer}" in self.hf_key
+
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def leaves(cfg: LlamaConfig) -> list[Leaf]:
+  """The param <-> HF key table for a config."""
+  table = [Leaf(("embed_tokens",), "model.embed_tokens.weight", vocab_axis=0)]
+  for norm in ("input_layernorm", "post_attention_layernorm"):
+    table.append(Leaf(("layers", norm, "scale"), f"model.layers.{{layer}}.{norm}.weight"))
+  for group, names in (("self_attn", _ATTN), ("mlp", _MLP)):
+    for name in names:
+      table.append(Leaf(("layers", group, name, "kernel"),
+                        f"model.layers.{{layer}}.{group}.{name}.weight", transpose=True))
+  table.append(Leaf(("norm", "scale"), "model.norm.weight"))
+  if not cfg.tie_word_embeddings:
+    table.append(Leaf(("lm_head",), "lm_head.weight", transpose=True, vocab_axis=1))
+  return table
+
+
+def hf_shape(leaf: Leaf, our_shape: tuple[int, ...], cfg: LlamaConfig) -> tuple[int, ...]:
+  """Shape of one HF tensor for `leaf`, given our (possibly stacked, padded) shape."""
+  shape = list(our_shape[1:] if leaf.stacked else our_shape)
+  if leaf.vocab_axis is not None:
+    shape[leaf.vocab_axis] = cfg.vocab_size
+  return tuple(reversed(shape)) if leaf.transpose else tuple(shape)
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _listing(keys) -> str:
+  keys = sorted(keys)
+  more = f" ... and {len(keys) - _MAX_LISTED} more" if len(keys) > _MAX_LISTED else ""
+  return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
+               directory: str) -> None:
+  """Missing, unexpected and mis-shaped tensors, each an error that lists them."""
+  expected = {}
+  for leaf in leaves(cfg):
+    shape = hf_shape(leaf, _get(boxed, leaf.path).value.shape, cfg)
+    layers = range(cfg.num_hidden_layers) if leaf.stacked else [None]
+    for layer in layers:
+      expected[leaf.hf_key.format(layer=layer)] = shape
+  found = {k for k in source.keys() if not k.endswith(_IGNORED_SUFFIXES)}
+  if cfg.tie_word_embeddings:
+    found.discard("lm_head.weight")
+  missing, unexpected = set(expected) - found, found - set(expected)
+  if missing:
+    raise ValueError(f"{directory}: missing keys ({len(missing)}): {_listing(missing)}")
+  if unexpected:
+    raise ValueError(f"{directory}: unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+  for key, shape in expected.items():
+    if source.shape(key) != shape:
+      raise ValueError(f"{directory}: {key} in {source.file_of(key)} has shape "
+                       f"{source.shape(key)}, expected {shape} from config.json")
+
+
+def _read_shard(source, leaf: Leaf, cfg: LlamaConfig, shape, index, dtype) -> np.ndarray:
+  """Our-layout slice `index` (a tuple of slices over `shape`) of one param, from HF tensors."""
+  bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+  if leaf.stacked:
+    layers, bounds = range(*bounds[0]), bounds[1:]
+  real = list(bounds)
+  if leaf.vocab_axis is not None:
+    lo, hi = bounds[leaf.vocab_axis]
+    real[leaf.vocab_axis] = (min(lo, cfg.vocab_size), min(hi, cfg.vocab_size))
+  ours = tuple(slice(lo, hi) for lo, hi in real)
+  theirs = ours[::-1] if leaf.transpose else ours
+  pad = [(0, (hi - lo) - (rhi - rlo)) for (lo, hi), (rlo, rhi) in zip(bounds, real)]
+
+  def one(key):
+    array = source.read(key, theirs)
+    array = array.T if leaf.transpose else array
+    array = np.pad(array, pad) if any(p for _, p in pad) else array
+    return array.astype(dtype, copy=False)
+
+  if leaf.stacked:
+    return np.stack([one(leaf.hf_key.format(layer=layer)) for layer in layers])
+  return one(leaf.hf_key)
+
+
+def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
+            rules=shd.DEFAULT_RULES) -> tuple[LlamaConfig, Any]:
+  """Loads a local HF LLaMA directory into params sharded on `mesh` (one device when None).
+
+  dtype: param dtype (default: the config's param_dtype, float32). The vocabulary is padded to a
+  multiple of 128 x the mesh axes that shard it. Returns (cfg, params) with plain jax arrays.
+  """
+  start = time.perf_counter()
+  mesh = mesh or shd.single_device_mesh()
+  rules = shd.normalize_rules(rules)
+  vocab_shards = math.prod(mesh.shape[a] for a in _mesh_axes_of("vocab", rules) if a in mesh.shape)
+  overrides = {"vocab_multiple": 128 * vocab_shards}
+  if dtype is not None:
+    overrides["param_dtype"] = jnp.dtype(dtype).name
+  cfg = load_hf_config(path, **overrides)
+  source = tensor_files.open_weights(path)
+  boxed = abstract_params(cfg)
+  check_keys(source, cfg, boxed, path)
+  shardings = shd.param_shardings(boxed, mesh, rules)
+  target = jnp.dtype(cfg.param_dtype)
+
+  params: dict = {}
+  for leaf in leaves(cfg):
+    shape = _get(boxed, leaf.path).value.shape
+    array = jax.make_array_from_callback(
+        shape, _get(shardings, leaf.path),
+        lambda index, leaf=leaf, shape=shape: _read_shard(source, leaf, cfg, shape, index, target))
+    node = params
+    for name in leaf.path[:-1]:
+      node = node.setdefault(name, {})
+    node[leaf.path[-1]] = array
+  logging.info("loaded %s (%d tensors) in %.1f s", path, len(source.keys()),
+               time.perf_counter() - start)
+  return cfg, params
+
+
+def _mesh_axes_of(logical: str, rules) -> tuple[str, ...]:
+  target = dict(rules).get(logical)
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)

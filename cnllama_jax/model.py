@@ -1,0 +1,273 @@
+"""LLaMA in Flax linen: RMSNorm, rotary embeddings (HF rotate-half layout), grouped-query
+attention, SwiGLU MLP, scanned decoder layers with remat, optional LoRA on every dense layer.
+
+Param tree (names follow Hugging Face, so conversion and PEFT export are renames and transposes):
+
+  embed_tokens/embedding                      [padded_vocab, hidden]        (vocab, embed)
+  layers/input_layernorm/scale                [layers, hidden]              (layers, norm)
+  layers/self_attn/{q,k,v,o}_proj/kernel      [layers, in, out]             (layers, embed, heads) ...
+  layers/post_attention_layernorm/scale       [layers, hidden]
+  layers/mlp/{gate,up,down}_proj/kernel       [layers, in, out]             (layers, embed, mlp) ...
+  layers/<...>_proj/lora_a, lora_b            [layers, in, r], [layers, r, out]  (with LoRA)
+  norm/scale                                  [hidden]
+  lm_head/kernel                              [hidden, padded_vocab]        (embed, vocab)
+
+Kernels are [in, out] (the transpose of torch's Linear weight). Layers are stacked on axis 0 and
+run under `nn.scan`, so the decoder body is compiled once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cnllama_jax import sharding as shd
+from cnllama_jax.config import LlamaConfig
+from cnllama_jax.lora import LoraConfig, kaiming_uniform_a
+
+Array = jax.Array
+_NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax, never NaN
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class _Module(nn.Module):
+  """Holds what every block needs: shapes, LoRA settings and the activation-sharding context."""
+  cfg: LlamaConfig
+  lora: LoraConfig = LoraConfig()
+  mesh: Any = None  # jax.sharding.Mesh or None: activation constraints only when given
+  rules: tuple = ()
+
+  def constrain(self, x: Array, axes: tuple) -> Array:
+    return shd.constrain(x, axes, self.mesh, self.rules)
+
+
+class Dense(_Module):
+  """y = x W (+ LoRA). W: [in, out] in param_dtype, computed in cfg.dtype."""
+  features: int = 0
+  axes: tuple[str, str] = ("embed", "mlp")
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dtype = jnp.dtype(self.cfg.dtype)
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), self.axes), (x.shape[-1], self.features),
+                        jnp.dtype(self.cfg.param_dtype))
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.lora.applies_to(self.name):
+      rank = self.lora.rank
+      lora_a = self.param("lora_a", nn.with_logical_partitioning(
+          kaiming_uniform_a, (self.axes[0], "lora_rank")), (x.shape[-1], rank), jnp.float32)
+      lora_b = self.param("lora_b", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("lora_rank", self.axes[1])), (rank, self.features), jnp.float32)
+      h = x
+      if self.lora.dropout > 0 and not self.deterministic:
+        h = nn.Dropout(self.lora.dropout, deterministic=False)(h)
+      h = jnp.dot(h.astype(dtype), lora_a.astype(dtype))  # [..., r]
+      y = y + jnp.dot(h, lora_b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
+    return y
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.dtype(self.param_dtype))
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # As HF: normalise in fp32, cast back to the compute dtype, then scale.
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rotary_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos, sin: [batch, length, head_dim] in fp32, HF layout (frequencies repeated, not interleaved)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, length, head_dim]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+  """x: [batch, length, heads, head_dim]; rotate-half as `transformers`' LLaMA."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class Attention(_Module):
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, bias: Array) -> Array:
+    cfg = self.cfg
+    batch, length, _ = x.shape
+    heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dense = lambda name, features, axes: Dense(  # noqa: E731
+        cfg, self.lora, self.mesh, self.rules, features=features, axes=axes,
+        deterministic=self.deterministic, name=name)
+    q = dense("q_proj", heads * head_dim, ("embed", "q_heads"))(x)
+    k = dense("k_proj", kv_heads * head_dim, ("embed", "kv_heads"))(x)
+    v = dense("v_proj", kv_heads * head_dim, ("embed", "kv_heads"))(x)
+    q = q.reshape(batch, length, heads, head_dim)  # [batch, length, heads, head_dim]
+    k = k.reshape(batch, length, kv_heads, head_dim)  # [batch, length, kv_heads, head_dim]
+    v = v.reshape(batch, length, kv_heads, head_dim)
+    q = self.constrain(apply_rotary(q, cos, sin), shd.ACT_HEADS)
+    k = self.constrain(apply_rotary(k, cos, sin), shd.ACT_HEADS)
+    v = self.constrain(v, shd.ACT_HEADS)
+
+    groups = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, groups, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
+                        preferred_element_type=jnp.float32)  # [batch, kv, groups, t, s]
+    scores = scores / jnp.sqrt(jnp.float32(head_dim)) + bias[:, None, None, :, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [batch, length, kv, groups, head_dim]
+    out = out.reshape(batch, length, heads * head_dim)
+    return dense("o_proj", cfg.hidden_size, ("q_heads", "embed"))(out)
+
+
+class MLP(_Module):
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    dense = lambda name, features, axes: Dense(  # noqa: E731
+        cfg, self.lora, self.mesh, self.rules, features=features, axes=axes,
+        deterministic=self.deterministic, name=name)
+    gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    hidden = self.constrain(nn.silu(gate) * up, shd.ACT_MLP)  # [batch, length, intermediate]
+    return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(_Module):
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, bias: Array):
+    cfg = self.cfg
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa
+    sub = dict(cfg=cfg, lora=self.lora, mesh=self.mesh, rules=self.rules,
+               deterministic=self.deterministic)
+    x = x + Attention(**sub, name="self_attn")(norm("input_layernorm")(x), cos, sin, bias)
+    x = x + MLP(**sub, name="mlp")(norm("post_attention_layernorm")(x))
+    return self.constrain(x, shd.ACT_EMBED), None
+
+
+class Llama(_Module):
+  """The causal LM. `__call__(input_ids, attention_mask) -> logits [batch, length, padded_vocab]`.
+
+  Logits of padded vocabulary rows are set to a large negative number, so they never enter the
+  softmax and are never sampled. Positions come from the attention mask (cumsum - 1), as
+  `transformers`' generate() derives them, so left padding does not shift a row's positions.
+  """
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+    cfg = self.cfg
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    attention_mask = attention_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)  # [batch, length]
+    length = input_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    allowed = causal[None] & (attention_mask[:, None, :] > 0)  # [batch, t, s]
+    bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+    cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+    embed = self.param("embed_tokens", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.hidden_size),
+                       jnp.dtype(cfg.param_dtype))
+    x = jnp.take(embed, input_ids, axis=0).astype(cfg.dtype)  # [batch, length, hidden]
+    x = self.constrain(x, shd.ACT_EMBED)
+
+    layer = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer = nn.remat(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(cfg, self.lora, self.mesh, self.rules, deterministic=self.deterministic,
+                 name="layers")(x, cos, sin, bias)
+    x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+
+    if cfg.tie_word_embeddings:
+      head = embed.T
+    else:
+      head = self.param("lm_head", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.hidden_size, cfg.padded_vocab_size),
+                        jnp.dtype(cfg.param_dtype))
+    logits = jnp.dot(x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
+    logits = self.constrain(logits, shd.ACT_VOCAB)  # [batch, length, padded_vocab]
+    return mask_padded_vocab(logits, cfg.vocab_size)
+
+
+def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:
+  """Sets logits of ids >= vocab_size to a large negative number. logits: [..., padded_vocab]."""
+  if logits.shape[-1] == vocab_size:
+    return logits
+  ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.where(ids < vocab_size, logits, jnp.asarray(_NEG_INF, logits.dtype))
+
+
+def abstract_params(cfg: LlamaConfig, lora: LoraConfig = LoraConfig()) -> Any:
+  """Shapes, dtypes and logical axis names of the params, allocating nothing.
+
+  Returns a tree of `nn.LogicallyPartitioned` boxes around `jax.ShapeDtypeStruct`s.
+  """
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  return jax.eval_shape(Llama(cfg, lora).init, jax.random.key(0), ids)["params"]
+
+
+def init_params(cfg: LlamaConfig, rng: Array, lora: LoraConfig = LoraConfig()) -> Any:
+  """Random params (plain arrays, boxes removed), as `transformers` initialises (normal 0.02)."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return nn.meta.unbox(Llama(cfg, lora).init(rng, ids)["params"])
+
+
+def lora_from_params(params: Any) -> LoraConfig:
+  """The rank and targets of the adapters present in `params` (alpha unknown: rank 0 if none)."""
+  layers = params.get("layers", {})
+  found = {name: leaf["lora_a"].shape[-1] for group in layers.values() if isinstance(group, dict)
+           for name, leaf in group.items() if isinstance(leaf, dict) and "lora_a" in leaf}
+  if not found:
+    return LoraConfig()
+  return LoraConfig(rank=next(iter(found.values())), targets=tuple(sorted(found)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(cfg: LlamaConfig, lora: LoraConfig, params, input_ids, attention_mask):
+  return Llama(cfg, lora).apply({"params": params}, input_ids, attention_mask)
+
+
+def logits(cfg: LlamaConfig, params: Any, input_ids, attention_mask=None,
+           lora: LoraConfig | None = None) -> Array:
+  """Next-token logits [batch, length, cfg.vocab_size] (padded vocabulary rows dropped), fp32.
+
+  input_ids, attention_mask: [batch, length] numpy or jax int arrays (mask 1 = token, 0 = pad).
+  Params holding LoRA adapters need `lora` (their alpha is not stored in the params).
+  """
+  present = lora_from_params(params)
+  if present.rank and (lora is None or lora.rank != present.rank):
+    raise ValueError(f"params hold LoRA adapters of rank {present.rank}; pass "
+                     "lora=LoraConfig(rank, alpha, ...) matching them, or merge them first")
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask,
+                                                                              jnp.int32)
+  out = _forward(cfg, lora or LoraConfig(), params, input_ids, mask)
+  return out[..., :cfg.vocab_size]

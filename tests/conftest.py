@@ -1,0 +1,19 @@
+"""Test setup: JAX on the CPU with 8 fake devices (real meshes without accelerators)."""
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> str:
+  """Shared fixtures (real tokenizers); `CNLLAMA_FIXTURES` overrides ../shared/fixtures."""
+  return os.environ.get("CNLLAMA_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
