@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from cnllama_jax import sharding as shd
 from cnllama_jax import tensor_files
 from cnllama_jax.config import LlamaConfig, load_hf_config
 from cnllama_jax.model import abstract_params
+from cnllama_jax.vocab import mesh_vocab_multiple
 
 # Keys that some checkpoints carry and that hold no weights of ours.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -141,8 +141,7 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
   start = time.perf_counter()
   mesh = mesh or shd.single_device_mesh()
   rules = shd.normalize_rules(rules)
-  vocab_shards = math.prod(mesh.shape[a] for a in _mesh_axes_of("vocab", rules) if a in mesh.shape)
-  overrides = {"vocab_multiple": 128 * vocab_shards}
+  overrides = {"vocab_multiple": mesh_vocab_multiple(mesh, rules)}
   if dtype is not None:
     overrides["param_dtype"] = jnp.dtype(dtype).name
   cfg = load_hf_config(path, **overrides)
@@ -166,9 +165,3 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
                time.perf_counter() - start)
   return cfg, params
 
-
-def _mesh_axes_of(logical: str, rules) -> tuple[str, ...]:
-  target = dict(rules).get(logical)
-  if target is None:
-    return ()
-  return (target,) if isinstance(target, str) else tuple(target)

@@ -1,4 +1,4 @@
-"""LoRA adapter settings and initialisers (Hu et al. 2021, as PEFT implements them).
+"""LoRA (Hu et al. 2021, as PEFT implements it) and the partition of params into frozen/trainable.
 
 A LoRA-adapted dense layer computes `y = x W + (alpha / r) * dropout(x) A B` with
 A: [in, r] (Kaiming-uniform, as PEFT) and B: [r, out] (zeros), so a fresh adapter is the identity.
@@ -6,9 +6,12 @@ A: [in, r] (Kaiming-uniform, as PEFT) and B: [r, out] (zeros), so a fresh adapte
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,3 +50,124 @@ def kaiming_uniform_a(key, shape, dtype=jnp.float32):
   """
   bound = 1.0 / jnp.sqrt(shape[0])
   return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# --- which leaves train: the paper's stages ------------------------------------------------------
+
+# Each param path falls in exactly one group; the last rule is a catch-all that raises.
+_GROUP_RULES = (
+    (re.compile(r"^embed_tokens$"), "embed"),
+    (re.compile(r"^lm_head$"), "head"),
+    (re.compile(r"^layers/(self_attn|mlp)/\w+_proj/lora_[ab]$"), "lora"),
+    (re.compile(r"^layers/(self_attn|mlp)/\w+_proj/kernel$"), "base"),
+    (re.compile(r"^(layers/\w+_layernorm|norm)/scale$"), "base"),
+)
+
+STAGES: dict[str, frozenset[str]] = {
+    "embeddings": frozenset({"embed"}),  # stage 1: the input embedding only
+    "lora+embeddings": frozenset({"lora", "embed", "head"}),  # stage 2 and SFT (modules_to_save)
+    "lora": frozenset({"lora"}),
+    "full": frozenset({"embed", "head", "base", "lora"}),
+    "lora+new_rows": frozenset({"lora", "embed", "head"}),  # only appended vocabulary rows train
+}
+
+
+def param_group(path: str) -> str:
+  """'embed', 'head', 'lora' or 'base' for a '/'-joined param path; unknown paths raise."""
+  for pattern, group in _GROUP_RULES:
+    if pattern.match(path):
+      return group
+  raise ValueError(f"param {path!r} matches no partition rule; extend lora._GROUP_RULES")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _unflat(flat: dict[str, Any]) -> dict:
+  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+def trainable_paths(params: Any, stage: str) -> list[str]:
+  """The '/'-joined paths of the leaves that train in `stage` (see STAGES)."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown trainable stage {stage!r}; expected one of {sorted(STAGES)}")
+  groups = STAGES[stage]
+  paths = [p for p in _flat(params) if param_group(p) in groups]
+  if not paths:
+    raise ValueError(f"stage {stage!r} trains nothing in these params (groups {sorted(groups)}; "
+                     "is LoRA rank 0 for a LoRA stage?)")
+  if "lora" in groups and stage != "full" and not any(param_group(p) == "lora" for p in paths):
+    raise ValueError(f"stage {stage!r} needs LoRA adapters but the params have none (rank 0)")
+  return paths
+
+
+def split(params: Any, paths) -> tuple[dict, dict]:
+  """(frozen, trainable): two disjoint trees whose union is `params`."""
+  flat, paths = _flat(params), set(paths)
+  frozen = {k: v for k, v in flat.items() if k not in paths}
+  trainable = {k: v for k, v in flat.items() if k in paths}
+  return _unflat(frozen), _unflat(trainable)
+
+
+def combine(frozen: Any, trainable: Any) -> dict:
+  """The model's view: one tree holding the leaves of both."""
+  return _unflat({**_flat(frozen), **_flat(trainable)})
+
+
+def check_adapters(params: Any, num_layers: int, lora: LoraConfig) -> int:
+  """Asserts an adapter pair on every target module of every layer; returns the count
+  (layers x targets). A target pattern that matches nothing is an error, never a no-op."""
+  flat = _flat(params)
+  found = {}
+  for path, value in flat.items():
+    if path.endswith("/lora_a"):
+      found[path.split("/")[-2]] = value.shape[0]
+  missing = sorted(set(lora.targets) - set(found)) if lora.rank else []
+  if missing or any(n != num_layers for n in found.values()):
+    raise ValueError(f"LoRA adapters found on {found} (module: layers); expected all of "
+                     f"{list(lora.targets)} on {num_layers} layers, missing {missing}")
+  return sum(found.values())
+
+
+def merge(params: Any, lora: LoraConfig) -> dict:
+  """W <- W + (alpha / r) * A B for every adapted kernel; returns params without adapters.
+
+  A: [layers, in, r], B: [layers, r, out], W: [layers, in, out]; the sum is formed in fp32 and
+  cast back to W's dtype.
+  """
+  flat = _flat(params)
+  out = {}
+  for path, value in flat.items():
+    if path.endswith(("/lora_a", "/lora_b")):
+      continue
+    prefix = path[: -len("kernel")]
+    if path.endswith("/kernel") and prefix + "lora_a" in flat:
+      a = jnp.asarray(flat[prefix + "lora_a"], jnp.float32)
+      b = jnp.asarray(flat[prefix + "lora_b"], jnp.float32)
+      delta = jnp.einsum("lir,lro->lio", a, b) * lora.scale  # [layers, in, out]
+      value = (jnp.asarray(value, jnp.float32) + delta).astype(value.dtype)
+    out[path] = value
+  return _unflat(out)
+
+
+def adapter_shapes(cfg, lora: LoraConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """{'layers/<group>/<module>': (A shape, B shape)} for every target, stacked over layers."""
+  d, hd, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+  q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+  io = {"self_attn/q_proj": (d, q), "self_attn/k_proj": (d, kv), "self_attn/v_proj": (d, kv),
+        "self_attn/o_proj": (q, d), "mlp/gate_proj": (d, ffn), "mlp/up_proj": (d, ffn),
+        "mlp/down_proj": (ffn, d)}
+  layers = cfg.num_hidden_layers
+  return {f"layers/{name}": ((layers, i, lora.rank), (layers, lora.rank, o))
+          for name, (i, o) in io.items() if lora.applies_to(name.split("/")[1])}
+
+
+def init_adapters(cfg, lora: LoraConfig, rng: jax.Array) -> dict:
+  """Fresh adapters (A Kaiming-uniform, B zeros, fp32) for a base loaded without them."""
+  flat = {}
+  for index, (name, (a_shape, b_shape)) in enumerate(sorted(adapter_shapes(cfg, lora).items())):
+    flat[f"{name}/lora_a"] = jax.vmap(lambda k, s=a_shape: kaiming_uniform_a(k, s[1:]))(
+        jax.random.split(jax.random.fold_in(rng, index), a_shape[0]))
+    flat[f"{name}/lora_b"] = jnp.zeros(b_shape, jnp.float32)
+  return _unflat(flat)

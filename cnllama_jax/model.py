@@ -3,14 +3,14 @@ attention, SwiGLU MLP, scanned decoder layers with remat, optional LoRA on every
 
 Param tree (names follow Hugging Face, so conversion and PEFT export are renames and transposes):
 
-  embed_tokens/embedding                      [padded_vocab, hidden]        (vocab, embed)
+  embed_tokens                                [padded_vocab, hidden]        (vocab, embed)
   layers/input_layernorm/scale                [layers, hidden]              (layers, norm)
   layers/self_attn/{q,k,v,o}_proj/kernel      [layers, in, out]             (layers, embed, heads) ...
   layers/post_attention_layernorm/scale       [layers, hidden]
   layers/mlp/{gate,up,down}_proj/kernel       [layers, in, out]             (layers, embed, mlp) ...
   layers/<...>_proj/lora_a, lora_b            [layers, in, r], [layers, r, out]  (with LoRA)
   norm/scale                                  [hidden]
-  lm_head/kernel                              [hidden, padded_vocab]        (embed, vocab)
+  lm_head                                     [hidden, padded_vocab]        (embed, vocab)
 
 Kernels are [in, out] (the transpose of torch's Linear weight). Layers are stacked on axis 0 and
 run under `nn.scan`, so the decoder body is compiled once.
@@ -191,9 +191,11 @@ class Llama(_Module):
     cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
 
     embed = self.param("embed_tokens", nn.with_logical_partitioning(
-        nn.initializers.normal(0.02), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.hidden_size),
+        _vocab_init(cfg.vocab_size, 0), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.hidden_size),
                        jnp.dtype(cfg.param_dtype))
-    x = jnp.take(embed, input_ids, axis=0).astype(cfg.dtype)  # [batch, length, hidden]
+    # FSDP: gather the table's hidden axis before the lookup (the batch takes the fsdp axis).
+    table = self.constrain(embed, ("vocab", None))
+    x = jnp.take(table, input_ids, axis=0).astype(cfg.dtype)  # [batch, length, hidden]
     x = self.constrain(x, shd.ACT_EMBED)
 
     layer = DecoderLayer
@@ -210,11 +212,25 @@ class Llama(_Module):
       head = embed.T
     else:
       head = self.param("lm_head", nn.with_logical_partitioning(
-          nn.initializers.normal(0.02), ("embed", "vocab")), (cfg.hidden_size, cfg.padded_vocab_size),
+          _vocab_init(cfg.vocab_size, 1), ("embed", "vocab")), (cfg.hidden_size, cfg.padded_vocab_size),
                         jnp.dtype(cfg.param_dtype))
     logits = jnp.dot(x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logits = self.constrain(logits, shd.ACT_VOCAB)  # [batch, length, padded_vocab]
     return mask_padded_vocab(logits, cfg.vocab_size)
+
+
+def _vocab_init(vocab_size: int, axis: int):
+  """normal(0.02) on real vocabulary rows, zeros on the padding rows (as HF import pads).
+
+  The real rows are drawn at their own shape, so they do not depend on the padding (the mesh).
+  """
+  def init(key, shape, dtype):
+    real = list(shape)
+    real[axis] = vocab_size
+    pad = [(0, 0), (0, 0)]
+    pad[axis] = (0, shape[axis] - vocab_size)
+    return jnp.pad(nn.initializers.normal(0.02)(key, tuple(real), dtype), pad)
+  return init
 
 
 def mask_padded_vocab(logits: Array, vocab_size: int) -> Array:

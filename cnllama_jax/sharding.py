@@ -149,3 +149,9 @@ def place(tree: Any, shardings: Any) -> Any:
 def batch_sharding(mesh: Mesh, rules, shape: Sequence[int]) -> NamedSharding:
   """Sharding of a [batch, length] array of token ids."""
   return NamedSharding(mesh, logical_to_spec(BATCH, rules, mesh, shape))
+
+
+def host_to_global(local_batch: dict, shardings: dict) -> dict:
+  """This host's rows of a batch (numpy [rows / hosts, ...]) -> global jax arrays on the mesh."""
+  return {key: jax.make_array_from_process_local_data(shardings[key], np.asarray(value))
+          for key, value in local_batch.items()}

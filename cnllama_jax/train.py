@@ -1,0 +1,274 @@
+"""Train state, optimizer, masked (vocab-parallel) cross-entropy and the pure train step.
+
+Frozen and trainable params are two pytrees (DESIGN.md, decision 1): the gradient is taken with
+respect to `trainable` only, so no frozen weight gets a gradient and the optimizer state covers only
+what trains. `train_step(state, batch) -> (state, metrics)` is pure and jitted once with explicit
+shardings, donating the state.
+
+A batch is a dict of int32 [batch, length] arrays: `input_ids`, `attention_mask` and `labels`
+(aligned with input_ids, -100 = no loss; the step shifts them by one).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cnllama_jax import sharding as shd
+from cnllama_jax.lora import combine, split
+from cnllama_jax.model import Llama
+
+IGNORE = -100
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []
+  frozen: Any  # params that never change
+  trainable: Any  # fp32 master copies of the params that train
+  opt_state: Any
+  rng: jax.Array  # uint32 [2] raw key data (checkpointable)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-4
+  warmup_ratio: float = 0.03
+  schedule: str = "cosine"  # cosine | linear | constant
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  clip_norm: float = 1.0
+
+
+def make_schedule(opt: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup over warmup_ratio x total_steps, then cosine or linear decay to 0 (as HF)."""
+  warmup = int(round(opt.warmup_ratio * total_steps))
+  decay_steps = max(total_steps - warmup, 1)
+  if opt.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(opt.learning_rate, decay_steps)
+  elif opt.schedule == "linear":
+    decay = optax.linear_schedule(opt.learning_rate, 0.0, decay_steps)
+  elif opt.schedule == "constant":
+    decay = optax.constant_schedule(opt.learning_rate)
+  else:
+    raise ValueError(f"train.schedule={opt.schedule!r}; expected cosine, linear or constant")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, opt.learning_rate, warmup), decay],
+                              [warmup])
+
+
+def decay_mask(trainable: Any) -> Any:
+  """Weight decay on matrices, not on norm scales (as HF Trainer excludes LayerNorm weights)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not str(path[-1].key).endswith("scale"), trainable)
+
+
+def make_optimizer(opt: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW with the schedule and a weight-decay mask."""
+  return optax.chain(
+      optax.clip_by_global_norm(opt.clip_norm),
+      optax.adamw(make_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                  weight_decay=opt.weight_decay, mask=decay_mask))
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+def _token_stats(logits: jax.Array, labels: jax.Array, vocab_offset) -> tuple:
+  """Per-token (log-sum-exp pieces, label logit) of one vocabulary shard.
+
+  logits: [batch, length, shard_vocab] fp32; labels: [batch, length] global ids.
+  Returns (shard max, sum exp(logits - shard max), label logit or 0 when not in this shard).
+  """
+  local = labels - vocab_offset
+  in_shard = (local >= 0) & (local < logits.shape[-1])
+  onehot = jax.nn.one_hot(jnp.where(in_shard, local, 0), logits.shape[-1], dtype=logits.dtype)
+  label_logit = jnp.sum(logits * onehot, axis=-1) * in_shard
+  shard_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  sum_exp = jnp.sum(jnp.exp(logits - shard_max[..., None]), axis=-1)
+  return shard_max, sum_exp, label_logit
+
+
+def _finish(shard_max, sum_exp, label_logit, global_max, labels):
+  """Loss sum, correct count and token count from the combined shard statistics."""
+  logsumexp = global_max + jnp.log(sum_exp)
+  valid = labels != IGNORE
+  loss = jnp.sum(jnp.where(valid, logsumexp - label_logit, 0.0))
+  correct = jnp.sum(valid & (label_logit >= global_max))
+  return loss, correct, jnp.sum(valid)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh | None = None,
+                  rules=shd.DEFAULT_RULES) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sum of token losses, correct predictions and counted tokens for labels != -100.
+
+  logits: [batch, length, padded_vocab] fp32 (padded rows already at -1e30); labels: [batch,
+  length]. When the vocabulary axis is sharded on `mesh`, the loss runs under `shard_map`: each
+  device reduces its vocabulary shard and only per-token scalars cross devices (no device ever
+  holds the full-vocabulary logits).
+  """
+  spec = None if mesh is None else shd.logical_to_spec(shd.ACT_VOCAB, rules, mesh, logits.shape)
+  if spec is None or spec[2] is None:
+    stats = _token_stats(logits, labels, 0)
+    return _finish(*stats, stats[0], labels)
+  vocab_axes = spec[2] if isinstance(spec[2], tuple) else (spec[2],)
+  row_spec = PartitionSpec(spec[0], spec[1])
+
+  def local(logits_shard, labels_shard):
+    index = jax.lax.axis_index(vocab_axes)
+    shard_max, sum_exp, label_logit = _token_stats(
+        logits_shard, labels_shard, index * logits_shard.shape[-1])
+    global_max = jax.lax.pmax(shard_max, vocab_axes)
+    sum_exp = jax.lax.psum(sum_exp * jnp.exp(shard_max - global_max), vocab_axes)
+    label_logit = jax.lax.psum(label_logit, vocab_axes)
+    return global_max, sum_exp, label_logit
+
+  global_max, sum_exp, label_logit = jax.shard_map(
+      local, mesh=mesh, in_specs=(spec, row_spec), out_specs=(row_spec,) * 3)(logits, labels)
+  return _finish(global_max, sum_exp, label_logit, global_max, labels)
+
+
+# --- the step ------------------------------------------------------------------------------------
+
+def _row_mask_updates(updates: Any, row_range: tuple[int, int] | None) -> Any:
+  """Zeroes updates of embedding / LM-head rows outside [lo, hi) (the `lora+new_rows` stage)."""
+  if row_range is None:
+    return updates
+  lo, hi = row_range
+
+  def mask(path, update):
+    name = str(path[0].key)
+    if name == "embed_tokens":
+      ids = jax.lax.broadcasted_iota(jnp.int32, update.shape, 0)
+    elif name == "lm_head":
+      ids = jax.lax.broadcasted_iota(jnp.int32, update.shape, 1)
+    else:
+      return update
+    return jnp.where((ids >= lo) & (ids < hi), update, 0)
+  return jax.tree_util.tree_map_with_path(mask, updates)
+
+
+def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, micro_batches: int = 1,
+                    new_rows: tuple[int, int] | None = None) -> Callable:
+  """Builds `train_step(state, batch) -> (state, metrics)`.
+
+  micro_batches: gradient accumulation; the batch is split into that many strided micro-batches
+  (rows i, i+k, i+2k, ... so each data shard holds an equal part of each) and the loss is the mean
+  over all supervised tokens of the whole batch, exactly as one large batch.
+  new_rows: (old_vocab, vocab) when only appended vocabulary rows of embedding/head may change.
+  """
+  mesh, rules = model.mesh, model.rules
+
+  def loss_fn(trainable, frozen, batch, rng, total_tokens):
+    params = combine(frozen, trainable)
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         rngs={"dropout": rng})
+    labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1],
+                                                                   IGNORE)], axis=1)
+    loss_sum, correct, count = cross_entropy(logits, labels, mesh, rules)
+    return loss_sum / total_tokens, (loss_sum, correct, count)
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    total_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != IGNORE), 1).astype(jnp.float32)
+    k = micro_batches
+
+    def accumulate(carry, inputs):
+      grads, loss_sum, correct, count = carry
+      index, mb = inputs
+      mb = {key: shd.constrain(v, shd.BATCH, mesh, rules) for key, v in mb.items()}
+      g, (l, c, n) = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(rng, index),
+                             total_tokens)
+      grads = jax.tree_util.tree_map(jnp.add, grads, g)
+      return (grads, loss_sum + l, correct + c, count + n), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+    init = (zeros, jnp.float32(0), jnp.int32(0), jnp.int32(0))
+    if k == 1:
+      (grads, loss_sum, correct, count), _ = accumulate(init, (0, batch))
+    else:
+      micro = jax.tree_util.tree_map(  # [k, batch / k, length], micro-batch i = rows i::k
+          lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+      (grads, loss_sum, correct, count), _ = jax.lax.scan(accumulate, init,
+                                                          (jnp.arange(k), micro))
+    grads = _row_mask_updates(grads, new_rows)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    updates = _row_mask_updates(updates, new_rows)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss_sum / total_tokens, "accuracy": correct / jnp.maximum(count, 1),
+               "grad_norm": grad_norm, "learning_rate": schedule(state.step), "tokens": count}
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: Llama) -> Callable:
+  """`eval_step(state, batch) -> {loss_sum, correct, tokens}` with dropout off."""
+  model = model.clone(deterministic=True)
+
+  def eval_step(state: TrainState, batch: dict) -> dict:
+    params = combine(state.frozen, state.trainable)
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+    labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1],
+                                                                   IGNORE)], axis=1)
+    loss_sum, correct, count = cross_entropy(logits, labels, model.mesh, model.rules)
+    return {"loss_sum": loss_sum, "correct": correct, "tokens": count}
+  return eval_step
+
+
+def init_state(frozen: Any, trainable: Any, optimizer: optax.GradientTransformation,
+               seed: int) -> TrainState:
+  """A fresh state at step 0; trainable params become fp32 master weights."""
+  trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
+  return TrainState(step=jnp.int32(0), frozen=frozen, trainable=trainable,
+                    opt_state=optimizer.init(trainable),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def state_shardings(state_shape: TrainState, param_shardings: dict, mesh: Mesh,
+                    optimizer: optax.GradientTransformation) -> TrainState:
+  """Shardings of a TrainState: params by their logical names, optimizer moments like their
+  params, everything else replicated. param_shardings: flat {path: NamedSharding}."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  trainable_paths = {"/".join(k) for k in flax.traverse_util.flatten_dict(state_shape.trainable)}
+  full = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v
+                                            for k, v in param_shardings.items()})
+  frozen_sh, trainable_sh = split(full, trainable_paths)
+  opt_sh = optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, state_shape.opt_state, trainable_sh,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, frozen=frozen_sh, trainable=trainable_sh, opt_state=opt_sh,
+                    rng=replicated)
+
+
+def jit_train_step(train_step: Callable, shardings: TrainState, batch_sharding) -> Callable:
+  """Jits `train_step` once with explicit in/out shardings, donating the state's trainable params,
+  optimizer state, step and rng. The frozen params go in as a separate, non-donated argument: they
+  are read, never copied, and the caller's references stay valid."""
+  without_frozen = shardings.replace(frozen=None)
+
+  def step_without_frozen(frozen, state, batch):
+    new_state, metrics = train_step(state.replace(frozen=frozen), batch)
+    return new_state.replace(frozen=None), metrics
+
+  jitted = jax.jit(step_without_frozen, in_shardings=(shardings.frozen, without_frozen,
+                                                      batch_sharding),
+                   out_shardings=(without_frozen, None), donate_argnums=1)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    new_state, metrics = jitted(state.frozen, state.replace(frozen=None), batch)
+    return new_state.replace(frozen=state.frozen), metrics
+  step.lower = lambda state, batch: jitted.lower(state.frozen, state.replace(frozen=None), batch)
+  return step
