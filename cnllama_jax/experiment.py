@@ -81,27 +81,31 @@ def target_vocab(config, base_vocab: int) -> int:
   return tokenizer_size(config.tokenizer) if config.tokenizer else base_vocab
 
 
-def load_params(config, mesh: Mesh, rules) -> tuple[LlamaConfig, Any, tuple[int, int] | None]:
-  """Base params (HF import or random init), resized to the tokenizer, with fresh adapters.
-
-  Returns (cfg, params placed on the mesh, (old_vocab, new_vocab) or None when not resized).
-  """
-  multiple = vocab_lib.mesh_vocab_multiple(mesh, rules)
-  cfg = base_model_config(config, multiple)
+def load_base(config, mesh: Mesh, rules) -> tuple[LlamaConfig, Any]:
+  """The base params on the mesh: HF import of config.base_model, or a random init."""
+  cfg = base_model_config(config, vocab_lib.mesh_vocab_multiple(mesh, rules))
   if config.base_model:
     cfg, params = hf.load_hf(config.base_model, mesh=mesh, dtype=cfg.param_dtype, rules=rules)
-    cfg = cfg.replace(dtype=config.model.dtype, remat_policy=config.model.remat_policy)
-  else:
-    shardings = shd.param_shardings(model_lib.abstract_params(cfg), mesh, rules)
-    params = jax.jit(lambda key: model_lib.init_params(cfg, key),
-                     out_shardings=shardings)(jax.random.key(config.seed))
+    return cfg.replace(dtype=config.model.dtype, remat_policy=config.model.remat_policy), params
+  shardings = shd.param_shardings(model_lib.abstract_params(cfg), mesh, rules)
+  params = jax.jit(lambda key: model_lib.init_params(cfg, key),
+                   out_shardings=shardings)(jax.random.key(config.seed))
+  return cfg, params
+
+
+def prepare(config, cfg: LlamaConfig, params, mesh: Mesh, rules):
+  """Resizes the vocabulary to config.tokenizer and adds fresh LoRA adapters.
+
+  Returns (cfg, params, (old_vocab, new_vocab) or None when the vocabulary was not resized).
+  """
   old_vocab = cfg.vocab_size
   new_vocab = target_vocab(config, old_vocab)
   resized = None
   if new_vocab != old_vocab:
     cfg, params = vocab_lib.resize_vocab(
         cfg, params, new_vocab, init=config.vocab.init, noise_std=config.vocab.noise_std,
-        rng=jax.random.key(config.seed + 1), vocab_multiple=multiple, strict=config.vocab.strict)
+        rng=jax.random.key(config.seed + 1),
+        vocab_multiple=vocab_lib.mesh_vocab_multiple(mesh, rules), strict=config.vocab.strict)
     resized = (old_vocab, new_vocab)
   lora = lora_config(config)
   if lora.rank:
@@ -113,6 +117,11 @@ def load_params(config, mesh: Mesh, rules) -> tuple[LlamaConfig, Any, tuple[int,
     params = lora_lib.combine(params, adapters)
     lora_lib.check_adapters(params, cfg.num_hidden_layers, lora)
   return cfg, params, resized
+
+
+def load_params(config, mesh: Mesh, rules) -> tuple[LlamaConfig, Any, tuple[int, int] | None]:
+  """Base params (HF import or random init), resized to the tokenizer, with fresh adapters."""
+  return prepare(config, *load_base(config, mesh, rules), mesh, rules)
 
 
 def _adapter_paths(tree) -> list[str]:
@@ -129,17 +138,19 @@ def _flat_shardings(boxed, mesh, rules) -> dict:
       shd.param_shardings(boxed, mesh, rules)).items()}
 
 
-def build(config, mesh: Mesh | None = None, params=None) -> Run:
+def build(config, mesh: Mesh | None = None, base=None) -> Run:
   """Builds the run: params on the mesh, split, optimizer, state and the jitted steps.
 
-  `params` (with `config`'s shapes, adapters included) may be given to skip loading.
+  base: (cfg, params) to start from instead of config.base_model, e.g. the previous stage's
+  merged model (placed on `mesh`, without adapters); it is resized and gets adapters as a
+  loaded base would.
   """
   mesh = mesh or build_mesh(config)
   rules = shd.normalize_rules(config.mesh.rules)
-  if params is None:
+  if base is None:
     cfg, params, resized = load_params(config, mesh, rules)
   else:
-    cfg, resized = base_model_config(config, vocab_lib.mesh_vocab_multiple(mesh, rules)), None
+    cfg, params, resized = prepare(config, *base, mesh, rules)
   lora = lora_config(config)
   stage = config.train.trainable
   new_rows = resized if stage == "lora+new_rows" else None

@@ -44,16 +44,16 @@ def _writer(workdir: str):
   return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 
-def fit(config, workdir: str, mesh=None, params=None) -> dict:
+def fit(config, workdir: str, mesh=None, base=None) -> dict:
   """Trains one stage; returns {'run': Run, 'history': [metrics per logged step], 'eval': ...}.
 
-  params: the stage's starting params (config's shapes, adapters included), e.g. the previous
-  stage's merged result; None loads `config.base_model` or initialises randomly.
+  base: (cfg, params) to start from, e.g. the previous stage's merged model; None loads
+  `config.base_model` or initialises randomly.
   """
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
-  run = experiment.build(config, mesh, params)
+  run = experiment.build(config, mesh, base)
   logging.info("mesh %s; model %s; LoRA %s; trainable %s", dict(run.mesh.shape), run.cfg,
                run.lora, config.train.trainable)
   datasets = experiment.datasets(config, run.cfg, workdir)
