@@ -2,20 +2,9 @@
 q,k,v,o,gate,up,down plus the embedding and LM head (`modules_to_save`). lr 1e-4, block size 512,
 weight decay 0.01, warmup ratio 0.05, cosine, global batch 1024.
 
-Presets: tiny (default, CPU), 7b, 13b, 33b.
-"""
-from cnllama_jax import config as model_config
+Presets: tiny (default, CPU), 7b, 13b, 33b."""
 from cnllama_jax import run_config
 
 
 def get_config(preset: str = "tiny"):
-  c = run_config.default()
-  c.train.trainable = "lora+embeddings"
-  c.train.learning_rate = 1e-4
-  c.train.weight_decay = 0.01
-  c.train.warmup_ratio = 0.05
-  c.lora.rank, c.lora.alpha, c.lora.dropout = 8, 32.0, 0.05
-  c.data.kind = "text"
-  if preset != "tiny":
-    run_config.paper_scale(c, preset, model_config.CHINESE_LLAMA_VOCAB, global_batch=1024)
-  return c
+  return run_config.pretrain_stage2(preset)

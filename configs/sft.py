@@ -3,21 +3,9 @@ LoRA r 8, alpha 32, dropout 0.05 on all seven modules plus embedding and LM head
 warmup ratio 0.03, weight decay 0, max length 512, global batch 512; the Chinese-Alpaca vocabulary
 (49,954 with [PAD]). The "Plus" variant: `--config.lora.rank=64 --config.lora.alpha=128`.
 
-Presets: tiny (default, CPU), 7b, 13b, 33b.
-"""
-from cnllama_jax import config as model_config
+Presets: tiny (default, CPU), 7b, 13b, 33b."""
 from cnllama_jax import run_config
 
 
 def get_config(preset: str = "tiny"):
-  c = run_config.default()
-  c.train.trainable = "lora+embeddings"
-  c.train.learning_rate = 1e-4
-  c.train.weight_decay = 0.0
-  c.train.warmup_ratio = 0.03
-  c.lora.rank, c.lora.alpha, c.lora.dropout = 8, 32.0, 0.05
-  c.data.kind = "sft"
-  c.vocab.strict = False  # Chinese-LLaMA (49,953) is resized to the Alpaca tokenizer (49,954)
-  if preset != "tiny":
-    run_config.paper_scale(c, preset, model_config.CHINESE_ALPACA_VOCAB, global_batch=512)
-  return c
+  return run_config.sft(preset)

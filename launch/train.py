@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from cnllama_jax import experiment, trainer  # noqa: E402
+from cnllama_jax import experiment, pipeline, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
@@ -43,13 +43,16 @@ def print_dry_run(config) -> None:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  if config.dry_run:
+  if config.dry_run and "pipeline" not in config:
     print_dry_run(config)
     return
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (logs, config and checkpoints go there)")
   maybe_initialize_distributed()
-  trainer.fit(config, _WORKDIR.value)
+  if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
+    pipeline.run(config, _WORKDIR.value)
+  else:
+    trainer.fit(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
