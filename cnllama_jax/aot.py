@@ -1,0 +1,170 @@
+"""Compiles the exact train step of a config for a TPU topology without a TPU (libtpu's compiler
+runs on the CPU host), and reports per-chip memory and model FLOPs.
+
+Nothing is allocated: params, optimizer state and batch are `jax.ShapeDtypeStruct`s carrying the
+shardings the real run would use. FLOPs are counted analytically (`cnllama_jax.flops`), because
+XLA's cost analysis counts a scanned layer body once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from cnllama_jax import experiment, flops, lora as lora_lib, model as model_lib
+from cnllama_jax import sharding as shd, train as train_lib, vocab as vocab_lib
+
+GiB = 2**30
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+PEAK_BF16 = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+# Slice names count TensorCores on v4 / v5p (2 per chip, megacore) and chips on v5e / v6e.
+_CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
+_3D_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_2D_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+              256: "16x16"}
+
+
+def topology_description(name: str) -> tuple[str, str, int]:
+  """'v4-32' -> ('v4', 'v4:2x2x4', 16 chips). Errors list the accepted forms."""
+  match = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name)
+  if not match:
+    raise ValueError(f"topology {name!r}; expected <v4|v5e|v5p|v6e>-<size>, e.g. v4-32, v5e-16")
+  gen, size = match.group(1), int(match.group(2))
+  chips, rest = divmod(size, _CORES_PER_CHIP[gen])
+  shapes = _3D_SHAPES if gen in ("v4", "v5p") else _2D_SHAPES
+  if rest or chips not in shapes:
+    raise ValueError(f"topology {name!r}: {size} is not a {gen} slice size; expected one of "
+                     f"{sorted(n * _CORES_PER_CHIP[gen] for n in shapes)}")
+  return gen, f"{gen}:{shapes[chips]}", chips
+
+
+def tpu_devices(name: str) -> tuple[str, list]:
+  """TPU devices of a topology to compile for (libtpu must be installed)."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  gen, topology, _ = topology_description(name)
+  kwargs = dict(platform="tpu", topology_name=topology, chips_per_host_bounds=(2, 2, 1),
+                num_slices=1)
+  if gen in ("v4", "v5p"):
+    kwargs["chip_config_name"] = "megacore"
+  return gen, list(topologies.get_topology_desc(**kwargs).devices)
+
+
+@dataclasses.dataclass
+class Report:
+  topology: str
+  chips: int
+  micro_batches: int
+  argument_bytes: int
+  temp_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  hbm_bytes: int
+  flops_per_step: float
+  step_seconds_at_peak: float
+  oom: str = ""  # the compiler's message when it refused the program for lack of HBM
+
+  @property
+  def total_bytes(self) -> int:
+    """Per-chip peak: inputs + temporaries + outputs not aliased to (donated) inputs."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+  @property
+  def fits(self) -> bool:
+    return not self.oom and self.total_bytes <= self.hbm_bytes
+
+  def lines(self) -> list[str]:
+    gib = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+    if self.oom:
+      return [f"topology {self.topology}: {self.chips} chips, micro_batches={self.micro_batches}",
+              f"DOES NOT FIT: {self.oom}",
+              f"model FLOPs per step {self.flops_per_step:.3e}"]
+    return [
+        f"topology {self.topology}: {self.chips} chips, micro_batches={self.micro_batches}",
+        f"per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}, "
+        f"outputs {gib(self.output_bytes)} (aliased {gib(self.alias_bytes)}), "
+        f"total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM: "
+        f"{'fits' if self.fits else 'DOES NOT FIT'} (headroom {gib(self.hbm_bytes - self.total_bytes)})",
+        f"model FLOPs per step {self.flops_per_step:.3e} "
+        f"({self.step_seconds_at_peak:.2f} s per step at 100% MFU)",
+    ]
+
+
+def abstract_run(config, mesh: Mesh):
+  """(jitted step, abstract state, abstract batch, cfg, lora) for `config` on `mesh`."""
+  rules = shd.normalize_rules(config.mesh.rules)
+  cfg = experiment.base_model_config(config, vocab_lib.mesh_vocab_multiple(mesh, rules))
+  lora = experiment.lora_config(config)
+  boxed = model_lib.abstract_params(cfg, lora)
+  shardings = shd.param_shardings(boxed, mesh, rules)
+  params = jax.tree_util.tree_map(
+      lambda box, sharding: jax.ShapeDtypeStruct(box.value.shape, box.value.dtype,
+                                                 sharding=sharding),
+      boxed, shardings, is_leaf=lambda x: hasattr(x, "names"))
+  frozen, trainable = lora_lib.split(params, lora_lib.trainable_paths(params, config.train.trainable))
+  optimizer = train_lib.make_optimizer(experiment.optim_config(config), config.train.steps)
+  schedule = train_lib.make_schedule(experiment.optim_config(config), config.train.steps)
+  state_shape = jax.eval_shape(lambda f, t: train_lib.init_state(f, t, optimizer, 0),
+                               frozen, trainable)
+  flat_sh = experiment._flat_shardings(boxed, mesh, rules)  # pylint: disable=protected-access
+  state_sh = train_lib.state_shardings(state_shape, flat_sh, mesh, optimizer)
+  state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 state_shape, state_sh)
+  shape = (config.train.global_batch_size, config.train.seq_len)
+  experiment.check_batch(shape[0], config.train.micro_batches, mesh, rules)
+  batch_sh = shd.batch_sharding(mesh, rules, shape)
+  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
+           for k in ("input_ids", "attention_mask", "labels")}
+  model = model_lib.Llama(cfg, lora, mesh=mesh, rules=rules, deterministic=lora.dropout == 0)
+  # The row range of `lora+new_rows` only masks updates; any range costs the same.
+  new_rows = (0, cfg.vocab_size) if config.train.trainable == "lora+new_rows" else None
+  step = train_lib.make_train_step(model, optimizer, schedule, config.train.micro_batches, new_rows)
+  jitted = train_lib.jit_train_step(step, state_sh, {k: batch_sh for k in batch})
+  return jitted, state, batch, cfg, lora
+
+
+def compile_report(config, topology: str) -> Report:
+  """Lowers and compiles the train step for `topology`; reads the per-chip memory."""
+  gen, devices = tpu_devices(topology)
+  mesh = shd.make_mesh(tuple(config.mesh.shape), devices)
+  jitted, state, batch, cfg, lora = abstract_run(config, mesh)
+  tokens = config.train.global_batch_size * config.train.seq_len
+  step_flops = tokens * flops.train_flops_per_token(cfg, config.train.seq_len, lora,
+                                                    lora_lib.STAGES[config.train.trainable])
+  common = dict(topology=topology, chips=len(devices), micro_batches=config.train.micro_batches,
+                hbm_bytes=HBM_BYTES[gen], flops_per_step=step_flops,
+                step_seconds_at_peak=step_flops / (PEAK_BF16[gen] * len(devices)))
+  try:
+    compiled = jitted.lower(state, batch).compile()
+  except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    oom = re.search(r"(Ran out of memory[^.]*\([^)]*\)[^.]*)", str(e))
+    return Report(argument_bytes=0, temp_bytes=0, output_bytes=0, alias_bytes=0,
+                  oom=oom.group(1) if oom else str(e).splitlines()[0], **common)
+  memory = compiled.memory_analysis()
+  return Report(argument_bytes=memory.argument_size_in_bytes,
+                temp_bytes=memory.temp_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+                alias_bytes=memory.alias_size_in_bytes, **common)
+
+
+def fit_accumulation(config, topology: str, max_micro_batches: int = 256) -> Report:
+  """Doubles train.micro_batches (same global batch) until the step fits; the last report."""
+  report = None
+  micro = config.train.micro_batches
+  while micro <= max_micro_batches:
+    with config.unlocked():
+      config.train.micro_batches = micro
+    try:
+      report = compile_report(config, topology)
+    except ValueError as e:  # micro-batch no longer divisible by the data-parallel size
+      if "data-parallel" in str(e):
+        break
+      raise
+    if report.fits:
+      return report
+    micro *= 2
+  return report
