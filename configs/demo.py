@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
   c.instructions = "data/demo/zh_instructions.json"  # Alpaca JSON
   c.tokenizers = ml_collections.ConfigDict(dict(
       english_text="",  # "" = docstrings of Python's standard library (offline everywhere)
-      base_vocab_size=800, chinese_vocab_size=3000))
+      base_vocab_size=800, chinese_vocab_size=5000))
   c.model = run_config.model_fields("tiny", vocab_size=800, hidden_size=128,
                                     intermediate_size=352, num_hidden_layers=4,
                                     num_attention_heads=4, max_position_embeddings=256)

@@ -1,0 +1,136 @@
+"""Evaluates a Hugging Face LLaMA directory: perplexity on a text file, or C-Eval.
+
+  python launch/evaluate.py perplexity --model DIR --text FILE [--tokenizer FILE] [--block_size 512]
+  python launch/evaluate.py ceval --model DIR --data CEVAL_DIR --shots 5 --split val --out DIR \
+      [--subjects logic,law] [--option_rule context|paper]
+
+The tokenizer defaults to DIR/tokenizer.model. ceval writes summary.json, submission.json (C-Eval's
+format) and predictions.jsonl to --out. See cnllama_jax/evaluate.py for the windows, the prompt and
+the scoring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cnllama_jax import evaluate as ev  # noqa: E402
+from cnllama_jax import sharding as shd  # noqa: E402
+from cnllama_jax.hf import load_hf  # noqa: E402
+from cnllama_jax.data.encode import load_tokenizer  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--model", required=True, help="HF LLaMA directory (config.json + weights)")
+  common.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: "
+                      "MODEL/tokenizer.model)")
+  common.add_argument("--batch_size", type=int, default=8)
+  common.add_argument("--dtype", default=None, help="param dtype, e.g. bfloat16 (default: float32)")
+  common.add_argument("--mesh", default="1,-1,1",
+                      help="data,fsdp,tensor sizes; one may be -1 (all devices); 1,1,1: one device")
+
+  ppl = sub.add_parser("perplexity", parents=[common], help="perplexity of a text file")
+  ppl.add_argument("--text", required=True, help="UTF-8 text, one document per line")
+  ppl.add_argument("--block_size", type=int, default=512, help="non-overlapping window length")
+
+  ceval = sub.add_parser("ceval", parents=[common], help="C-Eval multiple choice")
+  ceval.add_argument("--data", required=True, help="C-Eval directory with dev/, val/, test/")
+  ceval.add_argument("--shots", type=int, default=5, help="dev questions in the prompt (0 or 5)")
+  ceval.add_argument("--split", choices=["val", "test"], default="val")
+  ceval.add_argument("--out", required=True, help="output directory")
+  ceval.add_argument("--subjects", default=None, help="comma-separated subset (default: all found)")
+  ceval.add_argument("--max_length", type=int, default=None,
+                     help="prompt token limit (default: the model's max_position_embeddings)")
+  ceval.add_argument("--option_rule", choices=ev.OPTION_RULES, default="context")
+  ceval.add_argument("--header_subject", choices=["zh", "key"], default="zh",
+                     help="subject in the header: Chinese name, or the English key as the scripts")
+  ceval.add_argument("--zero_shot_header", action="store_true",
+                     help="also put the header in front of zero-shot prompts")
+  return parser
+
+
+def _tokenizer(args):
+  path = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
+  if not args.tokenizer and not path.is_file():
+    raise FileNotFoundError(f"{path}: no tokenizer.model in the model directory; pass --tokenizer")
+  return load_tokenizer(path)
+
+
+def _load_model(args, tokenizer):
+  if not (Path(args.model) / "config.json").is_file():
+    raise FileNotFoundError(f"{args.model}: not a Hugging Face model directory (no config.json)")
+  try:
+    sizes = [int(n) for n in args.mesh.split(",")]
+  except ValueError:
+    raise ValueError(f"--mesh {args.mesh}: expected three integers, e.g. 1,-1,1") from None
+  mesh = shd.single_device_mesh() if sizes == [1, 1, 1] else shd.make_mesh(sizes)
+  cfg, params = load_hf(args.model, mesh=mesh, dtype=args.dtype)
+  if tokenizer.vocab_size() > cfg.vocab_size:
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size()} pieces but the model's vocabulary "
+                     f"is {cfg.vocab_size}: use the tokenizer the model was trained with")
+  if tokenizer.vocab_size() < cfg.vocab_size:
+    logging.warning("tokenizer has %d pieces, the model %d", tokenizer.vocab_size(),
+                    cfg.vocab_size)
+  return cfg, params
+
+
+def _pct(group: dict, key: str = "accuracy") -> str:
+  return "-" if group.get(key) is None else f"{100 * group[key]:.1f}"
+
+
+def _print_ceval(summary: dict) -> None:
+  for name, s in summary["subjects"].items():
+    print(f"{name:42s} {s['num']:5d} {_pct(s)}")
+  for name, g in [*summary["categories"].items(), ("Average", summary["average"])]:
+    print(f"{name:42s} {g['num']:5d} {_pct(g)} (by question {_pct(g, 'accuracy_by_question')})")
+
+
+def run(args: argparse.Namespace) -> None:
+  if args.batch_size < 1:
+    raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+  if not Path(args.model).is_dir():
+    raise FileNotFoundError(f"{args.model}: model directory not found")
+  if args.command == "perplexity":
+    if not Path(args.text).is_file():
+      raise FileNotFoundError(f"{args.text}: text file not found")
+    tokenizer = _tokenizer(args)
+    cfg, params = _load_model(args, tokenizer)
+    print(json.dumps(ev.perplexity(cfg, params, tokenizer, args.text, block_size=args.block_size,
+                                   batch_size=args.batch_size)))
+    return
+  subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
+  data = ev.load_ceval(args.data, args.split, args.shots, subjects)  # all files checked first
+  tokenizer = _tokenizer(args)
+  cfg, params = _load_model(args, tokenizer)
+  result = ev.evaluate_ceval(
+      ev.model_scorer(cfg, params), tokenizer, data, split=args.split, shots=args.shots,
+      max_length=args.max_length or cfg.max_position_embeddings, batch_size=args.batch_size,
+      option_rule=args.option_rule, header_subject=args.header_subject,
+      zero_shot_header=args.zero_shot_header)
+  paths = ev.write_ceval(args.out, result)
+  _print_ceval(result.summary)
+  print(f"prompts: {result.summary['prompts']}")
+  print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  try:
+    run(args)
+  except (ValueError, OSError, RuntimeError) as e:
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
