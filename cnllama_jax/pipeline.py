@@ -23,7 +23,7 @@ import time
 
 import jax
 
-from cnllama_jax import lora as lora_lib, tokenizer as tok_lib, trainer
+from cnllama_jax import lora as lora_lib, tokenizer as tok_lib, tokenizer_stats, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,9 +80,9 @@ def build_tokenizers(config, workdir: str) -> dict:
       tok_lib.merge(base, chinese, directory, pad_piece=pad, new_piece_scores="ordered")
     out[name] = directory
   sample = _sample_text(resolve(config.chinese_text))
-  rows = [tok_lib.tokenizer_stats(tok_lib.load_processor(path), sample, name=name)
+  rows = [tokenizer_stats.tokenizer_stats(tok_lib.load_processor(path), sample, name=name)
           for name, path in (("base", out["base"]), ("chinese_llama", out["chinese_llama"]))]
-  print(tok_lib.format_stats_table(rows), flush=True)
+  print(tokenizer_stats.format_stats_table(rows), flush=True)
   before, after = rows[0].tokens_per_char, rows[1].tokens_per_char
   print(f"tokens per character on Chinese text: {before:.3f} -> {after:.3f} "
         f"({before / after:.2f}x fewer tokens)", flush=True)

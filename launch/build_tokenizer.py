@@ -17,9 +17,11 @@ from pathlib import Path
 
 try:
   from cnllama_jax import tokenizer as tk
+  from cnllama_jax import tokenizer_stats as tstats
 except ImportError:  # running from a checkout without the package installed
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
   from cnllama_jax import tokenizer as tk
+  from cnllama_jax import tokenizer_stats as tstats
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
@@ -93,11 +95,11 @@ def run(args: argparse.Namespace) -> None:
     for path in args.tokenizer:
       p = Path(path)
       name = p.name if p.is_dir() else p.stem
-      results.append(tk.tokenizer_stats(tk.load_processor(p), text, name=name,
+      results.append(tstats.tokenizer_stats(tk.load_processor(p), text, name=name,
                                         min_seconds=args.min_seconds))
-    print(tk.format_stats_table(results))
+    print(tstats.format_stats_table(results))
     if args.png:
-      print(f"wrote {tk.plot_stats(results, args.png)}")
+      print(f"wrote {tstats.plot_stats(results, args.png)}")
 
 
 def main(argv: list[str] | None = None) -> int:

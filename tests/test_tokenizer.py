@@ -24,6 +24,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from cnllama_jax import tokenizer as tk
+from cnllama_jax import tokenizer_stats as tstats
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -258,21 +259,21 @@ def test_stats_hand_counted(tmp_path):
   text = "ab c 中文"
   # "▁ab▁c▁中文" -> ▁ab | ▁ | c | ▁ | 3 bytes of 中 | 3 bytes of 文
   assert sp.encode(text, out_type=str)[:4] == ["▁ab", "▁", "c", "▁"]
-  s = tk.tokenizer_stats(sp, text, name="hand", min_seconds=0.01)
+  s = tstats.tokenizer_stats(sp, text, name="hand", min_seconds=0.01)
   counts = (s.num_chars, s.num_bytes, s.num_tokens, s.num_nonspace_chars, s.num_byte_fallback_chars)
   assert counts == (7, 11, 10, 5, 2)
   assert s.tokens_per_char == pytest.approx(10 / 7) and s.tokens_per_byte == pytest.approx(10 / 11)
   assert s.byte_fallback_share == pytest.approx(0.4) and s.chars_per_second > 0
-  assert "hand" in tk.format_stats_table([s]) and "40.00" in tk.format_stats_table([s])
-  png = tk.plot_stats([s, s], tmp_path / "plot.png")
+  assert "hand" in tstats.format_stats_table([s]) and "40.00" in tstats.format_stats_table([s])
+  png = tstats.plot_stats([s, s], tmp_path / "plot.png")
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_stats_tiny_base_vs_merged(tiny):
   d, _ = tiny
   text = (DATA / "tokenizer_zh.txt").read_text(encoding="utf-8")
-  base = tk.tokenizer_stats(tk.load_processor(d / "base.model"), text, min_seconds=0.01)
-  merged = tk.tokenizer_stats(tk.load_processor(d / "merged_zero"), text, min_seconds=0.01)
+  base = tstats.tokenizer_stats(tk.load_processor(d / "base.model"), text, min_seconds=0.01)
+  merged = tstats.tokenizer_stats(tk.load_processor(d / "merged_zero"), text, min_seconds=0.01)
   assert not any(c.isascii() and not c.isspace() for c in text)
   assert base.byte_fallback_share == 1.0  # English-only base: every character is bytes
   # The Chinese model is NFKC-normalised, the merged one identity: characters NFKC
