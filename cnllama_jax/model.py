@@ -14,6 +14,19 @@ Param tree (names follow Hugging Face, so conversion and PEFT export are renames
 
 Kernels are [in, out] (the transpose of torch's Linear weight). Layers are stacked on axis 0 and
 run under `nn.scan`, so the decoder body is compiled once.
+
+KV cache (for generation): explicit arrays passed in and returned, never module state.
+
+  k, v    [layers, batch, max_len, kv_heads, head_dim]  compute dtype
+  mask    [batch, max_len] int32   1 where a slot holds a real token (0: unwritten or padding)
+  index   [batch] int32            next slot to write, per row
+
+A call with `cache=` writes its T tokens into slots index .. index+T-1 of each row, attends over the
+whole fixed-size buffer (unwritten slots and padding masked) and returns the updated cache. k and v
+ride in the layer scan's carry and each layer writes only its new rows, so under a donating jit the
+update is in place (scanning them as per-layer inputs/outputs would copy the whole cache per step).
+Positions continue from the real tokens already cached (their count + cumsum(mask) - 1), so a
+left-padded prompt gets the positions of the unpadded one, in prefill and in every decode step.
 """
 from __future__ import annotations
 
@@ -107,11 +120,24 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
   return x * cos + rotated * sin
 
 
+def _write_rows(buffer: Array, update: Array, index: Array, layer: Array | None = None) -> Array:
+  """update [batch, T, ...] into buffer [batch, max_len, ...] (or [layers, batch, max_len, ...] at
+  `layer`) at slots index[b] .. index[b] + T - 1 of each row b (one scatter, in place under jit)."""
+  rows = jnp.arange(update.shape[0])[:, None]  # [batch, 1]
+  slots = index[:, None] + jnp.arange(update.shape[1])  # [batch, T]
+  at = buffer.at[rows, slots] if layer is None else buffer.at[layer, rows, slots]
+  return at.set(update.astype(buffer.dtype))
+
+
 class Attention(_Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, bias: Array) -> Array:
+  def __call__(self, x: Array, cos: Array, sin: Array, bias: Array, kv=None, layer=None,
+               index=None):
+    """kv: None, or the cache (k, v) [layers, batch, max_len, kv_heads, head_dim]: this layer's
+    slice gets the new k/v at slots `index` [batch] and is attended over.
+    Returns (output, updated kv or None)."""
     cfg = self.cfg
     batch, length, _ = x.shape
     heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -127,6 +153,9 @@ class Attention(_Module):
     q = self.constrain(apply_rotary(q, cos, sin), shd.ACT_HEADS)
     k = self.constrain(apply_rotary(k, cos, sin), shd.ACT_HEADS)
     v = self.constrain(v, shd.ACT_HEADS)
+    if kv is not None:
+      kv = (_write_rows(kv[0], k, index, layer), _write_rows(kv[1], v, index, layer))
+      k, v = kv[0][layer], kv[1][layer]  # the whole buffer: [batch, max_len, kv_heads, head_dim]
 
     groups = heads // kv_heads
     q = q.reshape(batch, length, kv_heads, groups, head_dim)
@@ -136,7 +165,7 @@ class Attention(_Module):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [batch, length, kv, groups, head_dim]
     out = out.reshape(batch, length, heads * head_dim)
-    return dense("o_proj", cfg.hidden_size, ("q_heads", "embed"))(out)
+    return dense("o_proj", cfg.hidden_size, ("q_heads", "embed"))(out), kv
 
 
 class MLP(_Module):
@@ -158,18 +187,24 @@ class DecoderLayer(_Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, bias: Array):
+  def __call__(self, carry, cos: Array, sin: Array, bias: Array, layer=None, index=None):
+    """carry: (x [batch, length, hidden], kv cache or None); layer: this layer's number."""
+    x, kv = carry
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa
     sub = dict(cfg=cfg, lora=self.lora, mesh=self.mesh, rules=self.rules,
                deterministic=self.deterministic)
-    x = x + Attention(**sub, name="self_attn")(norm("input_layernorm")(x), cos, sin, bias)
+    h, kv = Attention(**sub, name="self_attn")(norm("input_layernorm")(x), cos, sin, bias, kv,
+                                               layer, index)
+    x = x + h
     x = x + MLP(**sub, name="mlp")(norm("post_attention_layernorm")(x))
-    return self.constrain(x, shd.ACT_EMBED), None
+    return (self.constrain(x, shd.ACT_EMBED), kv), None
 
 
 class Llama(_Module):
-  """The causal LM. `__call__(input_ids, attention_mask) -> logits [batch, length, padded_vocab]`.
+  """The causal LM. `__call__(input_ids, attention_mask) -> logits [batch, length, padded_vocab]`;
+  with `cache=` (see `init_cache`) -> (logits, updated cache). `last_only`: logits of the last
+  position only, [batch, 1, padded_vocab] (the next token of every row of a left-padded batch).
 
   Logits of padded vocabulary rows are set to a large negative number, so they never enter the
   softmax and are never sampled. Positions come from the attention mask (cumsum - 1), as
@@ -178,15 +213,25 @@ class Llama(_Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None, cache=None,
+               last_only: bool = False):
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     attention_mask = attention_mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)  # [batch, length]
     length = input_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    allowed = causal[None] & (attention_mask[:, None, :] > 0)  # [batch, t, s]
+    seen = 0 if cache is None else jnp.sum(cache["mask"], axis=-1, keepdims=True)  # [batch, 1]
+    positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=-1) - 1, 0)  # [batch, length]
+    if cache is None:
+      index, kv, layers, keys_mask = None, None, None, attention_mask
+      causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None]  # [1, t, s]
+    else:
+      index, kv = cache["index"], (cache["k"], cache["v"])
+      layers = jnp.arange(cfg.num_hidden_layers)
+      keys_mask = _write_rows(cache["mask"], attention_mask, index)  # [batch, max_len]
+      slot = index[:, None] + jnp.arange(length)  # [batch, t]: the slot each new token fills
+      causal = jnp.arange(keys_mask.shape[1])[None, None, :] <= slot[:, :, None]  # [batch, t, s]
+    allowed = causal & (keys_mask[:, None, :] > 0)  # [batch, t, s]
     bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
     cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
 
@@ -202,10 +247,12 @@ class Llama(_Module):
     if cfg.remat_policy != "none":
       layer = nn.remat(layer, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                     length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(cfg, self.lora, self.mesh, self.rules, deterministic=self.deterministic,
-                 name="layers")(x, cos, sin, bias)
+    (x, kv), _ = stack(cfg, self.lora, self.mesh, self.rules, deterministic=self.deterministic,
+                       name="layers")((x, kv), cos, sin, bias, layers, index)
+    if last_only:
+      x = x[:, -1:]  # [batch, 1, hidden]
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
 
     if cfg.tie_word_embeddings:
@@ -216,7 +263,17 @@ class Llama(_Module):
                         jnp.dtype(cfg.param_dtype))
     logits = jnp.dot(x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logits = self.constrain(logits, shd.ACT_VOCAB)  # [batch, length, padded_vocab]
-    return mask_padded_vocab(logits, cfg.vocab_size)
+    logits = mask_padded_vocab(logits, cfg.vocab_size)
+    if cache is None:
+      return logits
+    return logits, dict(k=kv[0], v=kv[1], mask=keys_mask, index=index + length)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
+  """An empty KV cache (see the module docstring) for `batch` rows of up to `max_len` tokens."""
+  shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  return dict(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
+              mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((batch,), jnp.int32))
 
 
 def _vocab_init(vocab_size: int, axis: int):

@@ -1,0 +1,225 @@
+"""Generation: a jitted prefill and a jitted one-token decode step over a fixed-size KV cache.
+
+    state, first = prefill(prompts)            # writes the prompts' k/v, samples token 1
+    state, next  = decode_step(state)          # appends one token per row; called from Python
+
+The cache is one buffer of `max_len` slots (model.init_cache) allocated by the prefill and donated
+to every step, so a step never changes shape, never recompiles and costs the same at any context
+length. The loop dispatches step t+1 before reading step t's tokens, so the device never waits on
+the host, and each token can be streamed (`on_token`) as it arrives.
+
+Prompts are left-padded to a multiple of `prompt_bucket` tokens (fewer prefill compilations);
+positions come from the attention mask, so padding changes nothing. Sampling follows `transformers`'
+order: repetition penalty (prompt included), temperature, top-k, top-p, then a draw; temperature 0
+is greedy (the penalty still applies, as in HF). Padded vocabulary ids are sliced off before
+sampling, so they can never be drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnllama_jax import model as model_lib
+from cnllama_jax.config import LlamaConfig
+from cnllama_jax.data.encode import PROMPT_TEMPLATE, build_prompt
+from cnllama_jax.lora import LoraConfig
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """The paper's decoding settings are the defaults. temperature 0: greedy."""
+  temperature: float = 0.2
+  top_k: int = 40  # 0: off
+  top_p: float = 0.9  # 1.0: off
+  repetition_penalty: float = 1.1  # 1.0: off
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or \
+        self.repetition_penalty <= 0:
+      raise ValueError(f"{self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1 and "
+                       "repetition_penalty > 0")
+
+
+# --- logits processing (pure; logits [batch, vocab] fp32) -----------------------------------------
+
+def apply_repetition_penalty(logits: Array, seen: Array, penalty: float) -> Array:
+  """As HF's RepetitionPenaltyLogitsProcessor: for ids already in the sequence (seen [batch, vocab]
+  bool), positive logits are divided by `penalty`, negative ones multiplied by it."""
+  if penalty == 1.0:
+    return logits
+  penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+  return jnp.where(seen, penalised, logits)
+
+
+def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Top-k then top-p (nucleus) filtering as HF's warpers; removed ids get -inf.
+
+  top-k keeps ids whose logit is >= the k-th largest (ties kept). top-p keeps the smallest set of
+  most-likely ids whose probability mass reaches top_p: an id stays if the mass of the ids ranked
+  above it is < top_p (so at least the top id stays).
+  """
+  vocab = logits.shape[-1]
+  if 0 < top_k < vocab:
+    top = jax.lax.top_k(logits, top_k)[0]  # [batch, k], descending
+  elif top_p < 1.0:
+    top = -jnp.sort(-logits, axis=-1)  # [batch, vocab], descending
+  else:
+    return logits
+  # Without the barrier XLA:CPU fuses top-k into its elementwise users and re-sorts (~50x slower).
+  top = jax.lax.optimization_barrier(top)
+  if 0 < top_k < vocab:
+    logits = jnp.where(logits < top[:, -1:], -jnp.inf, logits)
+  if top_p < 1.0:
+    log_norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # over the ids top-k kept
+    probs = jnp.exp(top - log_norm)  # [batch, k or vocab]
+    above = jnp.cumsum(probs, axis=-1) - probs  # mass of the ids ranked above each
+    keep = (above < top_p) | (jnp.arange(top.shape[-1]) == 0)
+    cutoff = jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True)  # [batch, 1]
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def next_tokens(logits: Array, seen: Array, sampling: Sampling, key: Array) -> Array:
+  """logits [batch, vocab] (real vocabulary only), seen [batch, vocab] bool -> ids [batch] int32."""
+  logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# --- the jitted prefill and decode step -----------------------------------------------------------
+
+def _record(state: dict, tokens: Array, eos_id: Array) -> dict:
+  """Marks `tokens` [batch] as seen (for the penalty) and rows that emitted EOS as done."""
+  rows = jnp.arange(tokens.shape[0])
+  return dict(state, tokens=tokens, seen=state["seen"].at[rows, tokens].set(True),
+              done=state["done"] | (tokens == eos_id), step=state["step"] + 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _prefill(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, max_len: int, params,
+             ids: Array, mask: Array, rng: Array, eos_id: Array) -> tuple[dict, Array]:
+  """ids, mask: [batch, prompt] left-padded. Returns the decode state and the first tokens."""
+  batch = ids.shape[0]
+  cache = model_lib.init_cache(cfg, batch, max_len)
+  logits, cache = model_lib.Llama(cfg, lora).apply({"params": params}, ids, mask, cache=cache,
+                                                   last_only=True)  # [batch, 1, padded_vocab]
+  seen = jnp.zeros((batch, cfg.vocab_size), jnp.int32)
+  seen = seen.at[jnp.arange(batch)[:, None], ids].add(mask) > 0  # prompt ids, padding excluded
+  tokens = next_tokens(logits[:, 0, :cfg.vocab_size], seen, sampling, jax.random.fold_in(rng, 0))
+  state = dict(cache=cache, seen=seen, done=jnp.zeros((batch,), bool), step=jnp.int32(0))
+  state = _record(state, tokens, eos_id)
+  return state, tokens
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _decode_step(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, params, state: dict,
+                 rng: Array, eos_id: Array) -> tuple[dict, Array]:
+  """Feeds each row's last token, returns the next ones [batch] (EOS again for finished rows)."""
+  last = state["tokens"][:, None]  # [batch, 1]
+  logits, cache = model_lib.Llama(cfg, lora).apply(
+      {"params": params}, last, jnp.ones_like(last), cache=state["cache"])
+  tokens = next_tokens(logits[:, 0, :cfg.vocab_size], state["seen"], sampling,
+                       jax.random.fold_in(rng, state["step"]))
+  tokens = jnp.where(state["done"], jnp.maximum(eos_id, 0), tokens)
+  return _record(dict(state, cache=cache), tokens, eos_id), tokens
+
+
+def left_pad(prompts: Sequence[Sequence[int]], bucket: int = 1, pad_id: int = 0,
+             max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """ids, mask: int32 [batch, length], length = the longest prompt rounded up to `bucket` (but not
+  beyond `max_length` unless the longest prompt is)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (e.g. BOS)")
+  longest = max(len(p) for p in prompts)
+  length = -(-longest // bucket) * bucket
+  if max_length is not None:
+    length = max(longest, min(length, max_length))
+  ids = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), np.int32)
+  for row, prompt in enumerate(prompts):
+    ids[row, length - len(prompt):] = prompt
+    mask[row, length - len(prompt):] = 1
+  return ids, mask
+
+
+def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]], *,
+             max_new_tokens: int = 400, temperature: float = 0.2, top_k: int = 40,
+             top_p: float = 0.9, repetition_penalty: float = 1.1, rng: Array | None = None,
+             eos_id: int | None = None, lora: LoraConfig | None = None,
+             on_token: Callable[[list[int | None]], None] | None = None,
+             max_len: int | None = None, prompt_bucket: int = 64) -> list[list[int]]:
+  """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
+
+  Returns the new tokens of each row, ending with EOS when the row stopped on it. eos_id: default
+  cfg.eos_token_id; a negative value never stops early. on_token(new) is called once per step with
+  the token each row just produced (None for rows that had already stopped). max_len: cache slots
+  (default: padded prompt + max_new_tokens, rounded up to 128); a fixed value lets prompts of any
+  length up to it reuse one compiled decode step. Params holding LoRA adapters need `lora`.
+  """
+  present = model_lib.lora_from_params(params)
+  if present.rank and (lora is None or lora.rank != present.rank):
+    raise ValueError(f"params hold LoRA adapters of rank {present.rank}; pass "
+                     "lora=LoraConfig(rank, alpha, ...) matching them, or merge them first")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
+  sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+  if temperature == 0:  # greedy ignores top-k/top-p: one compilation for every such call
+    sampling = dataclasses.replace(sampling, top_k=0, top_p=1.0)
+  eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
+  room = None if max_len is None else max_len - max_new_tokens + 1  # the longest prompt that fits
+  ids, mask = left_pad(prompt_ids, prompt_bucket, max_length=room)
+  needed = ids.shape[1] + max_new_tokens - 1  # the last token is never fed back
+  if max_len is None:
+    max_len = -(-needed // 128) * 128
+  elif needed > max_len:
+    raise ValueError(f"a prompt of {ids.shape[1]} tokens + {max_new_tokens} new tokens "
+                     f"needs {needed} cache slots but max_len={max_len}; shorten the prompt, "
+                     "lower max_new_tokens or raise max_len")
+  rng = jax.random.key(0) if rng is None else rng
+  lora = lora or LoraConfig()
+  static, eos = (cfg, lora, sampling), jnp.int32(eos_id)
+
+  state, pending = _prefill(*static, max_len, params, ids, mask, rng, eos)
+  outputs: list[list[int]] = [[] for _ in prompt_ids]
+  stopped = [False] * len(prompt_ids)
+  for step in range(max_new_tokens):
+    if step + 1 < max_new_tokens:  # dispatch the next step before waiting on this one
+      state, following = _decode_step(*static, params, state, rng, eos)
+    new: list[int | None] = []
+    for row, token in enumerate(np.asarray(pending).tolist()):
+      new.append(None if stopped[row] else token)
+      if not stopped[row]:
+        outputs[row].append(token)
+        stopped[row] = token == eos_id
+    if on_token is not None:
+      on_token(new)
+    if all(stopped):
+      break
+    if step + 1 < max_new_tokens:
+      pending = following
+  return outputs
+
+
+# --- prompts --------------------------------------------------------------------------------
+
+_TURN = "### Instruction:"
+
+
+def chat_prompt(history: Sequence[tuple[str, str]], query: str) -> str:
+  """The Alpaca template over a conversation: the header once, then every previous turn as
+  `### Instruction:\\n{q}\\n\\n### Response: {a}\\n\\n`, then the new query's instruction block
+  (the paper's gradio demo concatenates turns this way). No history: exactly `build_prompt(query)`.
+  """
+  header = PROMPT_TEMPLATE[:PROMPT_TEMPLATE.index(_TURN)]
+  turn = lambda q: build_prompt(q)[len(header):]  # noqa: E731  "### Instruction:\n{q}...Response: "
+  past = "".join(turn(q) + a + "\n\n" for q, a in history)
+  return header + past + turn(query)
