@@ -150,7 +150,8 @@ def run(config, workdir: str) -> dict:
 
 
 def _answer(config, base, tokenizer_dir: str) -> str:
-  """Greedy (temperature 0) answer to the demo instruction in the Alpaca template."""
+  """An answer to the demo instruction in the Alpaca template (the paper's sampling defaults:
+  top-k 40, top-p 0.9, with the config's temperature and repetition penalty)."""
   from cnllama_jax import generate  # pylint: disable=import-outside-toplevel
   from cnllama_jax.data import build_prompt  # pylint: disable=import-outside-toplevel
   cfg, params = base

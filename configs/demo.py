@@ -40,6 +40,6 @@ def get_config(arg: str = ""):
                      log_every=10, eval_every=60)
   c.sft.lora.update(rank=16, alpha=32.0)
   c.generate = ml_collections.ConfigDict(dict(
-      instruction="请简单介绍一下长城。", max_new_tokens=48, temperature=0.0,
+      instruction="请简单介绍一下长城。", max_new_tokens=48, temperature=0.2,
       repetition_penalty=1.1))
   return c
