@@ -123,6 +123,13 @@ def _open_file(path: str):
   return _SafetensorsFile(path) if path.endswith(".safetensors") else _TorchFile(path)
 
 
+def open_file(path: str) -> WeightSource:
+  """One weight file (`.safetensors` or a torch `.bin` state dict) as a WeightSource."""
+  file = _open_file(path)
+  return WeightSource({os.path.basename(path): file},
+                      {key: os.path.basename(path) for key in file.keys()})
+
+
 def open_weights(directory: str) -> WeightSource:
   """Opens the weights of a HF model directory; errors name what was looked for."""
   if not os.path.isdir(directory):

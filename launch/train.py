@@ -5,20 +5,25 @@ The story of a run (cnllama_jax.trainer.fit): mesh -> base model (HF import or r
 vocabulary resized to the tokenizer -> LoRA adapters -> frozen/trainable split -> sharded state ->
 data -> steps, logging loss, tokens/s and MFU, TensorBoard scalars in the workdir, evaluation every
 `train.eval_every` steps. `--config.dry_run=True` only reports sizes, allocating nothing.
+
+Rerunning with the same --workdir resumes from its latest complete checkpoint; SIGTERM saves and
+exits 0. A known problem (bad config or flag, missing path, unwritable workdir, diverged loss, a
+checkpoint of another base) prints one line `error: ...` to stderr and exits 1 (the traceback is
+logged at --verbosity=1).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from cnllama_jax import experiment, pipeline, trainer  # noqa: E402
+from cnllama_jax import checkpoint, experiment, pipeline, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
@@ -40,7 +45,64 @@ def print_dry_run(config) -> None:
         f"{report['opt_bytes_per_device'] / 2**30:.2f} GiB")
 
 
+# Problems with the input or the environment: reported in one line, exit 1, no traceback.
+KNOWN_ERRORS = (checkpoint.CheckpointError, trainer.DivergedError, ValueError, OSError, KeyError)
+
+
+def one_line(err: BaseException) -> str:
+  text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+  return " ".join(str(text).split()) or type(err).__name__
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl flag parsing with an unknown `--config.a.b` key reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    fail(one_line(err))
+  except (KeyError, AttributeError) as err:  # ml_collections: an override of a missing field
+    cause = err
+    while isinstance(cause.__context__, (KeyError, AttributeError)):
+      cause = cause.__context__
+    hint = ""
+    for candidate in (err.__context__, err):
+      if isinstance(candidate, KeyError) and "Did you mean" in str(candidate.args[0]):
+        hint = " (" + str(candidate.args[0]).split("\n", 1)[-1].strip() + ")"
+    key = str(cause.args[0]).strip("'\"") if cause.args else "?"
+    flagged = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
+               key in a.split("=", 1)[0].split(".")]
+    fail(f"unknown config key {key!r}" + (f" in {flagged[0]}" if flagged else "") + hint)
+
+
+def _quiet_closed_loop_hook(previous):
+  """sys.unraisablehook that drops 'Event loop is closed': after a failed async save (a full
+  disk), TensorStore callbacks of Orbax's other in-flight writes land on a finished event loop and
+  print that traceback; the failure itself is reported as one `error:` line."""
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(
+        unraisable.exc_value) == "Event loop is closed":
+      logging.debug("ignored after a failed save: %s", unraisable.exc_value)
+      return
+    previous(unraisable)
+  return hook
+
+
 def main(argv) -> None:
+  checkpoint.one_line_orbax_errors()
+  sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
+  try:
+    _main(argv)
+  except KNOWN_ERRORS as err:
+    logging.debug("traceback of the error below", exc_info=True)
+    fail(one_line(err))
+
+
+def _main(argv) -> None:
   del argv
   config = _CONFIG.value
   if config.dry_run and "pipeline" not in config:
@@ -57,4 +119,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
