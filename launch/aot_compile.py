@@ -30,8 +30,13 @@ def main(argv) -> None:
   del argv
   config = _CONFIG.value
   try:
-    report = (aot.fit_accumulation(config, _TOPOLOGY.value) if _AUTO.value
-              else aot.compile_report(config, _TOPOLOGY.value))
+    if _AUTO.value:
+      def attempt(r):
+        if not r.fits:
+          print(f"micro_batches={r.micro_batches}: " + r.lines()[1], flush=True)
+      report = aot.fit_accumulation(config, _TOPOLOGY.value, on_report=attempt)
+    else:
+      report = aot.compile_report(config, _TOPOLOGY.value)
   except (ValueError, ImportError, RuntimeError) as e:
     print(f"error: {e}".splitlines()[0], file=sys.stderr)
     sys.exit(1)

@@ -11,16 +11,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 try:
-  from cnllama_jax import tokenizer as tk
+  from cnllama_jax import cli, tokenizer as tk
   from cnllama_jax import tokenizer_stats as tstats
 except ImportError:  # running from a checkout without the package installed
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from cnllama_jax import tokenizer as tk
+  from cnllama_jax import cli, tokenizer as tk
   from cnllama_jax import tokenizer_stats as tstats
 
 
@@ -103,14 +102,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  try:
-    run(args)
-  except (ValueError, OSError, RuntimeError) as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
-    return 1
-  return 0
+  return cli.run_reporting_errors(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

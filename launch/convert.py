@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cnllama_jax import adapters, checkpoint, export, hf, lora as lora_lib  # noqa: E402
+from cnllama_jax import adapters, checkpoint, cli, export, hf, lora as lora_lib  # noqa: E402
 
 FORMATS = ("hf", "meta", "peft")
 
@@ -131,15 +130,9 @@ def run(args) -> str:
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  try:
-    out = run(args)
-  except (ValueError, OSError, checkpoint.CheckpointError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 1
-  print(f"wrote {out}")
-  return 0
+  return cli.run_reporting_errors(lambda args: print(f"wrote {run(args)}"),
+                                  build_parser().parse_args(argv),
+                                  (ValueError, OSError, checkpoint.CheckpointError))
 
 
 if __name__ == "__main__":

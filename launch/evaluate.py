@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
 from cnllama_jax import sharding as shd  # noqa: E402
 from cnllama_jax.hf import load_hf  # noqa: E402
@@ -122,14 +123,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  try:
-    run(args)
-  except (ValueError, OSError, RuntimeError) as e:
-    print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
-    return 1
-  return 0
+  return cli.run_reporting_errors(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

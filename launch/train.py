@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from cnllama_jax import checkpoint, experiment, pipeline, trainer  # noqa: E402
+from cnllama_jax import checkpoint, cli, experiment, pipeline, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
@@ -49,22 +49,12 @@ def print_dry_run(config) -> None:
 KNOWN_ERRORS = (checkpoint.CheckpointError, trainer.DivergedError, ValueError, OSError, KeyError)
 
 
-def one_line(err: BaseException) -> str:
-  text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-  return " ".join(str(text).split()) or type(err).__name__
-
-
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(1)
-
-
 def parse_flags(argv):
   """absl flag parsing with an unknown `--config.a.b` key reported in one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as err:
-    fail(one_line(err))
+    cli.fail(cli.one_line(err))
   except (KeyError, AttributeError) as err:  # ml_collections: an override of a missing field
     cause = err
     while isinstance(cause.__context__, (KeyError, AttributeError)):
@@ -76,7 +66,7 @@ def parse_flags(argv):
     key = str(cause.args[0]).strip("'\"") if cause.args else "?"
     flagged = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
                key in a.split("=", 1)[0].split(".")]
-    fail(f"unknown config key {key!r}" + (f" in {flagged[0]}" if flagged else "") + hint)
+    cli.fail(f"unknown config key {key!r}" + (f" in {flagged[0]}" if flagged else "") + hint)
 
 
 def _quiet_closed_loop_hook(previous):
@@ -99,7 +89,7 @@ def main(argv) -> None:
     _main(argv)
   except KNOWN_ERRORS as err:
     logging.debug("traceback of the error below", exc_info=True)
-    fail(one_line(err))
+    cli.fail(cli.one_line(err))
 
 
 def _main(argv) -> None:
