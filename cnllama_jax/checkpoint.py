@@ -216,19 +216,22 @@ class Preemption:
 
 class _OneLineOrbaxErrors(logging.Filter):
   """Orbax logs a failed background write with its traceback before the error reaches the caller
-  (as a CheckpointError); keep those log records to one line."""
+  (as a CheckpointError), and asyncio may log the same failure of another in-flight write as
+  "Task exception was never retrieved"; keep those log records to one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and "orbax" in (record.pathname or ""):
+    if record.exc_info and ("orbax" in (record.pathname or "") or record.name == "asyncio"):
       record.exc_info, record.exc_text = None, None
+      record.msg = " ".join(str(record.msg).split())
     return True
 
 
 def one_line_orbax_errors() -> None:
-  """Installs the filter on absl's logger (which Orbax logs through); idempotent."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
-    logger.addFilter(_OneLineOrbaxErrors())
+  """Installs the filter on absl's logger (which Orbax logs through) and asyncio's; idempotent."""
+  for name in ("absl", "asyncio"):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _OneLineOrbaxErrors) for f in logger.filters):
+      logger.addFilter(_OneLineOrbaxErrors())
 
 
 # --- the manager ---------------------------------------------------------------------------------
