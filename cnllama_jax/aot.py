@@ -8,6 +8,7 @@ XLA's cost analysis counts a scanned layer body once.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -46,6 +47,10 @@ def tpu_devices(name: str) -> tuple[str, list]:
   """TPU devices of a topology to compile for (libtpu must be installed)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   gen, topology, _ = topology_description(name)
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, so a second process
+  # (another compile, a test) fails with "Internal error when accessing libtpu multi-process
+  # lockfile". Compiling touches no TPU, so sharing is safe; must be set before libtpu loads.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   kwargs = dict(platform="tpu", topology_name=topology, chips_per_host_bounds=(2, 2, 1),
                 num_slices=1)
   if gen in ("v4", "v5p"):
@@ -142,7 +147,9 @@ def compile_report(config, topology: str) -> Report:
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    oom = re.search(r"(Ran out of memory[^.]*\([^)]*\)[^.]*)", str(e))
+    # "Ran out of memory on HBM, the total memory required for HLO temporaries (19.00G) exceeds
+    # available HBM (15.75G). HLO module: ..." -> the sentence up to "HLO module".
+    oom = re.search(r"(Ran out of memory[^\n]*?)(?:\.\s+HLO module|\.?\s*$)", str(e), re.M)
     return Report(argument_bytes=0, temp_bytes=0, output_bytes=0, alias_bytes=0,
                   oom=oom.group(1) if oom else str(e).splitlines()[0], **common)
   memory = compiled.memory_analysis()
@@ -151,8 +158,10 @@ def compile_report(config, topology: str) -> Report:
                 alias_bytes=memory.alias_size_in_bytes, **common)
 
 
-def fit_accumulation(config, topology: str, max_micro_batches: int = 256) -> Report:
-  """Doubles train.micro_batches (same global batch) until the step fits; the last report."""
+def fit_accumulation(config, topology: str, max_micro_batches: int = 256,
+                     on_report=None) -> Report:
+  """Doubles train.micro_batches (same global batch) until the step fits; the last report.
+  on_report: called with every attempt's report (e.g. to print the ones that did not fit)."""
   report = None
   micro = config.train.micro_batches
   while micro <= max_micro_batches:
@@ -164,6 +173,8 @@ def fit_accumulation(config, topology: str, max_micro_batches: int = 256) -> Rep
       if "data-parallel" in str(e):
         break
       raise
+    if on_report is not None:
+      on_report(report)
     if report.fits:
       return report
     micro *= 2
