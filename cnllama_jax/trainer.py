@@ -17,7 +17,8 @@ import time
 import jax
 import numpy as np
 
-from cnllama_jax import checkpoint, experiment, flops, lora as lora_lib, sharding as shd
+from cnllama_jax import checkpoint, experiment, flops, lora as lora_lib
+from cnllama_jax import preemption as preemption_lib, sharding as shd
 from cnllama_jax.data import Loader
 
 HISTORY = "metrics.jsonl"  # one JSON object per logged step, rewritten on resume
@@ -131,7 +132,7 @@ def fit(config, workdir: str, mesh=None, base=None) -> dict:
   base: (cfg, params) to start from, e.g. the previous stage's merged model (see
   experiment.build); None loads `config.base_model` or initialises randomly.
   """
-  with checkpoint.Preemption() as preemption:  # SIGTERM from here on saves and stops
+  with preemption_lib.Preemption() as preemption:  # SIGTERM from here on saves and stops
     check_paths(config)
     prepare_workdir(workdir)
     if jax.process_index() == 0:
@@ -146,7 +147,7 @@ def fit(config, workdir: str, mesh=None, base=None) -> dict:
 
 
 def _train(config, workdir: str, run: experiment.Run, checkpoints: checkpoint.Checkpoints,
-           preemption: checkpoint.Preemption) -> dict:
+           preemption: preemption_lib.Preemption) -> dict:
   state = run.state = checkpoints.restore() or run.state  # drops the fresh state when resuming
   start = int(state.step)
   history = load_history(workdir, start)
