@@ -114,7 +114,7 @@ def abstract_run(config, mesh: Mesh):
   schedule = train_lib.make_schedule(experiment.optim_config(config), config.train.steps)
   state_shape = jax.eval_shape(lambda f, t: train_lib.init_state(f, t, optimizer, 0),
                                frozen, trainable)
-  flat_sh = experiment._flat_shardings(boxed, mesh, rules)  # pylint: disable=protected-access
+  flat_sh = experiment.flat_shardings(boxed, mesh, rules)
   state_sh = train_lib.state_shardings(state_shape, flat_sh, mesh, optimizer)
   state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                  state_shape, state_sh)

@@ -133,7 +133,8 @@ def _flat_paths(tree) -> list[str]:
       tree, is_leaf=lambda _, v: isinstance(v, flax.linen.LogicallyPartitioned))]
 
 
-def _flat_shardings(boxed, mesh, rules) -> dict:
+def flat_shardings(boxed, mesh, rules) -> dict:
+  """{'/'-joined param path: NamedSharding} for a tree of logically annotated params."""
   return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
       shd.param_shardings(boxed, mesh, rules)).items()}
 
@@ -162,7 +163,7 @@ def build(config, mesh: Mesh | None = None, base=None) -> Run:
   optimizer = train_lib.make_optimizer(optim_config(config), total_steps)
   schedule = train_lib.make_schedule(optim_config(config), total_steps)
   model = model_lib.Llama(cfg, lora, mesh=mesh, rules=rules, deterministic=lora.dropout == 0)
-  flat_sh = _flat_shardings(model_lib.abstract_params(cfg, lora), mesh, rules)
+  flat_sh = flat_shardings(model_lib.abstract_params(cfg, lora), mesh, rules)
   state_shape = jax.eval_shape(lambda: train_lib.init_state(frozen, trainable, optimizer, 0))
   shardings = train_lib.state_shardings(state_shape, flat_sh, mesh, optimizer)
   state = jax.jit(lambda f, t: train_lib.init_state(f, t, optimizer, config.seed),
@@ -182,16 +183,11 @@ def build(config, mesh: Mesh | None = None, base=None) -> Run:
 
 def check_batch(global_batch: int, micro_batches: int, mesh: Mesh, rules) -> None:
   """The global batch must split into micro-batches that the data-parallel axes divide."""
-  data_parallel = math.prod(mesh.shape[a] for a in _axes(rules, "activation_batch"))
+  data_parallel = math.prod(mesh.shape[a] for a in shd.mesh_axes(rules, "activation_batch"))
   if global_batch % micro_batches or (global_batch // micro_batches) % data_parallel:
     raise ValueError(f"train.global_batch_size={global_batch} with train.micro_batches="
                      f"{micro_batches} gives micro-batches of {global_batch / micro_batches:g} "
                      f"rows, not divisible by the data-parallel size {data_parallel}")
-
-
-def _axes(rules, logical: str) -> tuple[str, ...]:
-  target = dict(rules).get(logical)
-  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
 # --- dry run -------------------------------------------------------------------------------------
@@ -220,7 +216,7 @@ def dry_run(config, mesh: Mesh | None = None) -> dict:
   boxed = model_lib.abstract_params(cfg, lora)
   all_paths = _flat_paths(boxed)
   trainable = lora_lib.trainable_paths(_as_tree(all_paths), config.train.trainable)
-  flat_sh = _flat_shardings(boxed, mesh, rules)
+  flat_sh = flat_shardings(boxed, mesh, rules)
   flat_box = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(
       boxed, is_leaf=lambda _, v: isinstance(v, flax.linen.LogicallyPartitioned)).items()}
 

@@ -56,6 +56,12 @@ def normalize_rules(rules) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
+def mesh_axes(rules, logical: str) -> tuple[str, ...]:
+  """The mesh axes a logical axis maps to under `rules` (empty when replicated or absent)."""
+  target = dict(rules).get(logical)
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
 def mesh_shape(requested: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 in `requested` to the remaining devices; errors when it cannot divide."""
   requested = [int(n) for n in requested]
@@ -95,17 +101,11 @@ def logical_to_spec(axes: Sequence[str | None], rules, mesh: Mesh,
                     shape: Sequence[int] | None = None) -> PartitionSpec:
   """PartitionSpec for logical `axes`. Mesh axes that are absent, of size 1, already used by an
   earlier dimension, or that do not divide the dimension (when `shape` is given) are dropped."""
-  table = dict(rules)
   used: set[str] = set()
   spec = []
   for dim, name in enumerate(axes):
-    target = table.get(name) if name is not None else None
-    if target is None:
-      spec.append(None)
-      continue
-    names = (target,) if isinstance(target, str) else tuple(target)
     kept = []
-    for axis in names:
+    for axis in (mesh_axes(rules, name) if name is not None else ()):
       size = mesh.shape.get(axis, 1)
       if size == 1 or axis in used:
         continue

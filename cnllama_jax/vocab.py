@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from cnllama_jax.config import CHINESE_ALPACA_VOCAB, CHINESE_LLAMA_VOCAB, LLAMA_VOCAB, LlamaConfig
+from cnllama_jax.sharding import mesh_axes
 
 KNOWN_VOCABS = {LLAMA_VOCAB: "LLaMA", CHINESE_LLAMA_VOCAB: "Chinese-LLaMA",
                 CHINESE_ALPACA_VOCAB: "Chinese-Alpaca"}
@@ -81,9 +82,7 @@ def new_rows_mask(old_vocab: int, cfg: LlamaConfig) -> np.ndarray:
 
 def mesh_vocab_multiple(mesh, rules, base: int = 128) -> int:
   """base x the product of the mesh axes the `vocab` logical axis maps to (DESIGN decision 2)."""
-  target = dict(rules).get("vocab")
-  axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-  return base * math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+  return base * math.prod(mesh.shape[a] for a in mesh_axes(rules, "vocab") if a in mesh.shape)
 
 
 def _vocab_shards(x: Any, axis: int) -> int:
