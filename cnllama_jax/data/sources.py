@@ -28,161 +28,161 @@ PathLike = str | os.PathLike
 
 
 def list_files(files_or_dir: PathLike | Sequence[PathLike], suffixes: Sequence[str]) -> list[Path]:
-    """Expands files and directories into a sorted file list.
+  """Expands files and directories into a sorted file list.
 
-    A directory contributes every file below it (recursively, hidden entries
-    skipped) whose name ends with one of ``suffixes``; a file named explicitly is
-    taken whatever its suffix.  Raises ``FileNotFoundError`` for a missing path or
-    when nothing is found.
-    """
-    items = [files_or_dir] if isinstance(files_or_dir, (str, os.PathLike)) else list(files_or_dir)
-    if not items:
-        raise FileNotFoundError("no input files given")
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            matches = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.name.endswith(tuple(suffixes))
-                and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not matches:
-                raise FileNotFoundError(f"{path}: directory has no {'/'.join(suffixes)} files")
-            found.extend(matches)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
-    return found
+  A directory contributes every file below it (recursively, hidden entries
+  skipped) whose name ends with one of ``suffixes``; a file named explicitly is
+  taken whatever its suffix.  Raises ``FileNotFoundError`` for a missing path or
+  when nothing is found.
+  """
+  items = [files_or_dir] if isinstance(files_or_dir, (str, os.PathLike)) else list(files_or_dir)
+  if not items:
+    raise FileNotFoundError("no input files given")
+  found: list[Path] = []
+  for item in items:
+    path = Path(item)
+    if path.is_dir():
+      matches = sorted(
+          p for p in path.rglob("*")
+          if p.is_file() and p.name.endswith(tuple(suffixes))
+          and not any(part.startswith(".") for part in p.relative_to(path).parts))
+      if not matches:
+        raise FileNotFoundError(f"{path}: directory has no {'/'.join(suffixes)} files")
+      found.extend(matches)
+    elif path.is_file():
+      found.append(path)
+    else:
+      raise FileNotFoundError(f"{path}: no such file or directory")
+  return found
 
 
 def _utf8_error(path: Path, lineno: int, err: UnicodeDecodeError, raw: bytes) -> ValueError:
-    column = len(raw[:err.start].decode("utf-8", errors="replace")) + 1
-    return ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
-                      f"{column}); fix the file or pass skip_bad_lines=True")
+  column = len(raw[:err.start].decode("utf-8", errors="replace")) + 1
+  return ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
+                    f"{column}); fix the file or pass skip_bad_lines=True")
 
 
 def iter_lines(path: PathLike, *, skip_bad_lines: bool = False,
                stats: MutableMapping[str, int] | None = None) -> Iterator[tuple[int, str, int]]:
-    """Yields ``(line_number, text, n_bytes)`` for each line of a UTF-8 file.
+  """Yields ``(line_number, text, n_bytes)`` for each line of a UTF-8 file.
 
-    Line numbers start at 1; the trailing ``\\n`` / ``\\r\\n`` is removed, as is a
-    UTF-8 byte-order mark on line 1.  ``n_bytes`` is the raw size of the line (for
-    progress bars).  A line that is not UTF-8 raises ``ValueError`` naming file
-    and line, or with ``skip_bad_lines`` is skipped and counted in
-    ``stats["skipped_bad_lines"]``.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                if not skip_bad_lines:
-                    raise _utf8_error(path, lineno, err, raw) from None
-                if stats is not None:
-                    stats["skipped_bad_lines"] = stats.get("skipped_bad_lines", 0) + 1
-                continue
-            if lineno == 1 and text.startswith("\ufeff"):
-                text = text[1:]
-            if text.endswith("\n"):
-                text = text[:-2] if text.endswith("\r\n") else text[:-1]
-            yield lineno, text, len(raw)
+  Line numbers start at 1; the trailing ``\\n`` / ``\\r\\n`` is removed, as is a
+  UTF-8 byte-order mark on line 1.  ``n_bytes`` is the raw size of the line (for
+  progress bars).  A line that is not UTF-8 raises ``ValueError`` naming file
+  and line, or with ``skip_bad_lines`` is skipped and counted in
+  ``stats["skipped_bad_lines"]``.
+  """
+  path = Path(path)
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError as err:
+        if not skip_bad_lines:
+          raise _utf8_error(path, lineno, err, raw) from None
+        if stats is not None:
+          stats["skipped_bad_lines"] = stats.get("skipped_bad_lines", 0) + 1
+        continue
+      if lineno == 1 and text.startswith("\ufeff"):
+        text = text[1:]
+      if text.endswith("\n"):
+        text = text[:-2] if text.endswith("\r\n") else text[:-1]
+      yield lineno, text, len(raw)
 
 
 def check_record(obj: object, path: PathLike, index: int, lineno: int | None = None) -> dict:
-    """Validates one instruction example; returns ``{instruction, input, output}`` strings.
+  """Validates one instruction example; returns ``{instruction, input, output}`` strings.
 
-    ``instruction`` and ``output`` must be strings; ``input`` may be missing or
-    ``null`` (both read as "").  Extra keys are ignored.
-    """
-    where = f"{path}: example {index}" + (f" (line {lineno})" if lineno is not None else "")
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'instruction', 'input', 'output', "
-                         f"found {type(obj).__name__}")
-    record = {}
-    for key in REQUIRED_FIELDS + OPTIONAL_FIELDS:
-        if key not in obj and key in REQUIRED_FIELDS:
-            raise ValueError(f"{where}: missing field '{key}' (need 'instruction' and 'output'; "
-                             f"'input' is optional)")
-        value = obj.get(key)
-        if value is None and key in OPTIONAL_FIELDS:
-            value = ""
-        if not isinstance(value, str):
-            found = "null" if value is None else type(value).__name__
-            raise ValueError(f"{where}: field '{key}' is {found}, expected a string")
-        record[key] = value
-    return record
+  ``instruction`` and ``output`` must be strings; ``input`` may be missing or
+  ``null`` (both read as "").  Extra keys are ignored.
+  """
+  where = f"{path}: example {index}" + (f" (line {lineno})" if lineno is not None else "")
+  if not isinstance(obj, dict):
+    raise ValueError(f"{where}: expected a JSON object with 'instruction', 'input', 'output', "
+                     f"found {type(obj).__name__}")
+  record = {}
+  for key in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+    if key not in obj and key in REQUIRED_FIELDS:
+      raise ValueError(f"{where}: missing field '{key}' (need 'instruction' and 'output'; "
+                       f"'input' is optional)")
+    value = obj.get(key)
+    if value is None and key in OPTIONAL_FIELDS:
+      value = ""
+    if not isinstance(value, str):
+      found = "null" if value is None else type(value).__name__
+      raise ValueError(f"{where}: field '{key}' is {found}, expected a string")
+    record[key] = value
+  return record
 
 
 def _first_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        while chunk := f.read(4096):
-            stripped = chunk.lstrip(b" \t\r\n")
-            if stripped.startswith(b"\xef\xbb\xbf"):
-                stripped = stripped[3:].lstrip(b" \t\r\n")
-            if stripped:
-                return stripped[:1]
-    return b""
+  with open(path, "rb") as f:
+    while chunk := f.read(4096):
+      stripped = chunk.lstrip(b" \t\r\n")
+      if stripped.startswith(b"\xef\xbb\xbf"):
+        stripped = stripped[3:].lstrip(b" \t\r\n")
+      if stripped:
+        return stripped[:1]
+  return b""
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[int, dict, int]]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        lineno = raw.count(b"\n", 0, err.start) + 1
-        line_start = raw.rfind(b"\n", 0, err.start) + 1
-        column = len(raw[line_start:err.start].decode("utf-8", errors="replace")) + 1
-        raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at "
-                         f"column {column}); a JSON array file cannot skip lines, fix the file"
-                         ) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of examples, found {type(data).__name__}")
-    size = max(1, len(raw) // max(1, len(data)))
-    for index, obj in enumerate(data):
-        yield index, check_record(obj, path, index), size
+  raw = path.read_bytes()
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as err:
+    lineno = raw.count(b"\n", 0, err.start) + 1
+    line_start = raw.rfind(b"\n", 0, err.start) + 1
+    column = len(raw[line_start:err.start].decode("utf-8", errors="replace")) + 1
+    raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at "
+                     f"column {column}); a JSON array file cannot skip lines, fix the file"
+                     ) from None
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+  if not isinstance(data, list):
+    raise ValueError(f"{path}: expected a JSON list of examples, found {type(data).__name__}")
+  size = max(1, len(raw) // max(1, len(data)))
+  for index, obj in enumerate(data):
+    yield index, check_record(obj, path, index), size
 
 
 def _iter_jsonl(path: Path, skip_bad_lines: bool,
                 stats: MutableMapping[str, int]) -> Iterator[tuple[int, dict, int]]:
-    index = 0
-    for lineno, line, n_bytes in iter_lines(path, skip_bad_lines=skip_bad_lines, stats=stats):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            if skip_bad_lines:
-                stats["skipped_bad_lines"] = stats.get("skipped_bad_lines", 0) + 1
-                continue
-            raise ValueError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}; fix the "
-                             f"line or pass skip_bad_lines=True") from None
-        yield index, check_record(obj, path, index, lineno), n_bytes
-        index += 1
+  index = 0
+  for lineno, line, n_bytes in iter_lines(path, skip_bad_lines=skip_bad_lines, stats=stats):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as err:
+      if skip_bad_lines:
+        stats["skipped_bad_lines"] = stats.get("skipped_bad_lines", 0) + 1
+        continue
+      raise ValueError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}; fix the "
+                       f"line or pass skip_bad_lines=True") from None
+    yield index, check_record(obj, path, index, lineno), n_bytes
+    index += 1
 
 
 def iter_instruction_records(path: PathLike, *, skip_bad_lines: bool = False,
                              stats: MutableMapping[str, int] | None = None
                              ) -> Iterator[tuple[int, dict, int]]:
-    """Yields ``(example_index, record, n_bytes)`` from an Alpaca JSON or JSONL file.
+  """Yields ``(example_index, record, n_bytes)`` from an Alpaca JSON or JSONL file.
 
-    A file whose first non-blank character is ``[`` is one JSON list (Alpaca);
-    anything else is read as JSON Lines (one object per line, blank lines
-    ignored).  ``example_index`` counts from 0 within the file.
-    """
-    path = Path(path)
-    stats = {} if stats is None else stats
-    if _first_byte(path) == b"[":
-        yield from _iter_json_array(path)
-    else:
-        yield from _iter_jsonl(path, skip_bad_lines, stats)
+  A file whose first non-blank character is ``[`` is one JSON list (Alpaca);
+  anything else is read as JSON Lines (one object per line, blank lines
+  ignored).  ``example_index`` counts from 0 within the file.
+  """
+  path = Path(path)
+  stats = {} if stats is None else stats
+  if _first_byte(path) == b"[":
+    yield from _iter_json_array(path)
+  else:
+    yield from _iter_jsonl(path, skip_bad_lines, stats)
 
 
 def total_bytes(files: Iterable[Path]) -> int:
-    """Sum of file sizes (for a progress bar)."""
-    return sum(Path(f).stat().st_size for f in files)
+  """Sum of file sizes (for a progress bar)."""
+  return sum(Path(f).stat().st_size for f in files)
