@@ -59,12 +59,8 @@ def build_mesh(config, devices=None) -> Mesh:
 
 def tokenizer_size(path: str) -> int:
   """Pieces of a SentencePiece model (a .model file or a directory holding tokenizer.model)."""
-  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
-  file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"tokenizer {file}: no such file; expected a SentencePiece .model or "
-                            "a directory with tokenizer.model")
-  return spm.SentencePieceProcessor(model_file=file).get_piece_size()
+  from cnllama_jax.tokenizer import load_processor  # pylint: disable=import-outside-toplevel
+  return load_processor(path).get_piece_size()
 
 
 def base_model_config(config, vocab_multiple: int) -> LlamaConfig:
@@ -248,8 +244,8 @@ def synthetic_examples(num: int, seq_len: int, vocab_size: int, seed: int) -> li
 
 def pad_id(tokenizer_path: str) -> int:
   """The tokenizer's [PAD] piece (the Alpaca tokenizer's last id) or, without one, 0 (<unk>)."""
-  from cnllama_jax.data import load_tokenizer  # pylint: disable=import-outside-toplevel
-  sp = load_tokenizer(tokenizer_path)
+  from cnllama_jax.tokenizer import load_processor  # pylint: disable=import-outside-toplevel
+  sp = load_processor(tokenizer_path)
   pad = sp.piece_to_id("[PAD]")
   return pad if pad != sp.unk_id() else 0
 
@@ -274,7 +270,9 @@ def datasets(config, cfg: LlamaConfig, workdir: str) -> dict:
                else config.tokenizer)
   if kind == "text":
     return data.build_pretrain_dataset(config.data.path, tokenizer, data_dir, block_size=length,
-                                       val_fraction=config.data.val_fraction)
+                                       val_fraction=config.data.val_fraction,
+                                       pack=config.data.get("pack", False))
   pad = config.data.pad_id if config.data.pad_id >= 0 else pad_id(tokenizer)
   return data.build_sft_dataset(config.data.path, tokenizer, data_dir, max_seq_len=length,
-                                pad_id=pad, val_fraction=config.data.val_fraction)
+                                pad_id=pad, val_fraction=config.data.val_fraction,
+                                pack=config.data.get("pack", False))

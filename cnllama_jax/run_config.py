@@ -39,7 +39,8 @@ def default() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       kind="synthetic",  # synthetic | text | sft
       path="", data_dir="", val_fraction=0.05,
-      pad_id=-1))  # -1: the tokenizer's [PAD] piece, else 0
+      pad_id=-1,  # -1: the tokenizer's [PAD] piece, else 0
+      pack=False))  # several examples per row, segment ids in attention_mask (data/packing.py)
   # Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. `--config.mesh.shape='(2,2,2)'`.
   c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), rules=shd.DEFAULT_RULES))
   return c
@@ -99,6 +100,7 @@ def sft(preset: str = "tiny") -> ml_collections.ConfigDict:
                  warmup_ratio=0.03, schedule="cosine")
   c.lora.update(rank=8, alpha=32.0, dropout=0.05)
   c.data.kind = "sft"
+  c.data.pack = True  # short examples share rows instead of padding (issue 14)
   c.vocab.strict = False  # Chinese-LLaMA (49,953) is resized to the Alpaca tokenizer (49,954)
   if preset != "tiny":
     paper_scale(c, preset, model_config.CHINESE_ALPACA_VOCAB, global_batch=512)

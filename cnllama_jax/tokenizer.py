@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -89,23 +89,6 @@ def read_utf8(path: PathLike) -> str:
   return Path(path).read_text(encoding="utf-8")
 
 
-def iter_lines(files: Sequence[Path], progress: bool = False,
-               total_bytes: int = 0) -> Iterator[str]:
-  """Yields the non-blank lines of ``files`` (line ending and a leading BOM removed)."""
-  from tqdm import tqdm
-
-  with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="reading corpus",
-            disable=not progress) as bar:
-    for path in files:
-      with open(path, "rb") as f:
-        for i, raw in enumerate(f):
-          bar.update(len(raw))
-          line = raw.decode("utf-8").rstrip("\r\n")
-          line = line.lstrip("\ufeff") if i == 0 else line
-          if line.strip():
-            yield line
-
-
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
   """Writes ``data`` to a temporary sibling and renames it over ``path``."""
   path = Path(path)
@@ -159,8 +142,13 @@ def train_sentencepiece(
   )
   options.update(extra)
   start, buffer = time.perf_counter(), io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter_lines(files, progress, n_bytes),
-                                 model_writer=buffer, **options)
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from cnllama_jax.data import sources  # pylint: disable=import-outside-toplevel
+  with tqdm(total=n_bytes, unit="B", unit_scale=True, desc="reading corpus",
+            disable=not progress) as bar:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sources.iter_documents(files, on_bytes=bar.update),
+        model_writer=buffer, **options)
   proto = parse_model_proto(buffer.getvalue(), "trained model")
   out = atomic_write_bytes(out_path, buffer.getvalue())
   logger.info("wrote %s (%d pieces) in %.1fs", out, len(proto.pieces), time.perf_counter() - start)

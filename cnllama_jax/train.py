@@ -20,10 +20,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnllama_jax import sharding as shd
+from cnllama_jax.data.encode import IGNORE_INDEX as IGNORE
 from cnllama_jax.lora import combine, split
 from cnllama_jax.model import Llama
-
-IGNORE = -100
 
 
 @flax.struct.dataclass

@@ -22,7 +22,7 @@ from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
 from cnllama_jax import sharding as shd  # noqa: E402
 from cnllama_jax.hf import load_hf  # noqa: E402
-from cnllama_jax.data.encode import load_tokenizer  # noqa: E402
+from cnllama_jax.tokenizer import load_processor  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer(args):
-  path = Path(args.tokenizer) if args.tokenizer else Path(args.model) / "tokenizer.model"
-  if not args.tokenizer and not path.is_file():
-    raise FileNotFoundError(f"{path}: no tokenizer.model in the model directory; pass --tokenizer")
-  return load_tokenizer(path)
+  return load_processor(args.tokenizer or args.model)  # a .model file or a dir with tokenizer.model
 
 
 def _load_model(args, tokenizer):

@@ -36,7 +36,8 @@ import jax  # noqa: E402
 
 from cnllama_jax import adapters  # noqa: E402
 from cnllama_jax import generate as gen  # noqa: E402
-from cnllama_jax.data.encode import build_prompt, load_tokenizer  # noqa: E402
+from cnllama_jax.data.encode import build_prompt  # noqa: E402
+from cnllama_jax.tokenizer import load_processor  # noqa: E402
 from cnllama_jax.hf import load_hf  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaMA directory (config.json + weights).")
@@ -97,7 +98,7 @@ class Generator:
     if _LORA.value:
       self.cfg, self.params = adapters.merge_loras(self.cfg, self.params, _LORA.value)
     self.cfg = self.cfg.replace(dtype=_DTYPE.value)
-    self.sp = load_tokenizer(tokenizer_path())
+    self.sp = load_processor(tokenizer_path())
     if self.sp.get_piece_size() > self.cfg.vocab_size:
       raise ValueError(f"the tokenizer has {self.sp.get_piece_size()} pieces but the model's "
                        f"vocabulary is {self.cfg.vocab_size}: pass the model's own tokenizer")

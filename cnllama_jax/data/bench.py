@@ -3,12 +3,11 @@
     python -m cnllama_jax.data.bench --tokenizer path/to/tokenizer.model \\
         [--text DIR_OR_FILES ...] [--megabytes 20] [--block_size 512] [--batch 64] [--steps 50]
 
-Without ``--text`` a synthetic mixed Chinese/English corpus of ``--megabytes``
-is written to a temporary directory.  Prints the build throughput (read +
-tokenise + write ArrayRecord), then ``Loader.batch`` throughput (random-access
-reads of one host's batch) with and without a prefetch thread.
+Without `--text` a synthetic mixed Chinese/English corpus of `--megabytes` is written to a
+temporary directory. Prints the build throughput (read + tokenise + write ArrayRecord), then
+`Loader.batch` throughput (random-access reads of one host's batch) with and without a prefetch
+thread.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -28,7 +27,7 @@ _WORDS_ZH = list("春夏秋冬山水河桥书店老师学生早上下午市场�
 
 
 def synthetic_corpus(directory: Path, megabytes: float, seed: int = 0) -> Path:
-  """Writes ``megabytes`` of random mixed-language lines to ``directory/synthetic.txt``."""
+  """Writes `megabytes` MB of random mixed-language lines to `directory/synthetic.txt`."""
   rng = np.random.default_rng(seed)
   path = directory / "synthetic.txt"
   written, target = 0, int(megabytes * 1e6)
@@ -43,6 +42,7 @@ def synthetic_corpus(directory: Path, megabytes: float, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
+  """Runs the benchmark; returns the three throughputs in tokens/s."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--tokenizer", required=True)
   parser.add_argument("--text", nargs="*", default=None)

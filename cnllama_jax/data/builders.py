@@ -1,24 +1,22 @@
 """tfds builders for local corpora, written as ArrayRecord for random access.
 
-Layout: ``<data_dir>/<builder>/<config>/1.0.0/`` where ``<builder>`` is
-``cnllama_pretrain_text`` or ``cnllama_sft``, and ``<config>`` (e.g.
-``len512_3f9a0c1d2b4e5f60``) is a hash of everything the bytes depend on:
-source paths with their sizes and mtimes, the tokenizer file's SHA-256, the
-length, pad id, validation fraction and split seed, and ``FORMAT_VERSION``.  A
-changed input therefore builds into a new config directory and an unchanged one
-is found prepared and read back without tokenising.
+Layout: `<data_dir>/<builder>/<config>/1.0.0/` where `<builder>` is `cnllama_pretrain_text` or
+`cnllama_sft`, and `<config>` (e.g. `len512_3f9a0c1d2b4e5f60`) is a hash of everything the bytes
+depend on: source paths with their sizes and mtimes, the tokenizer file's SHA-256, the length, pad
+id, packing, validation fraction and split seed, and `FORMAT_VERSION`. A changed input therefore
+builds into a new config directory and an unchanged one is found prepared and read back without
+tokenising.
 
-Features (all int32, stored as raw bytes):
+Features (all int32 [length], stored as raw bytes):
+  `PretrainText`: `input_ids`; packed (`pack=True`), also `labels` and `attention_mask` holding
+    one segment per document (`packing.document_segments`).
+  `SftInstructions`: `input_ids`, `labels`, `attention_mask`; a row holds one example, or with
+    `pack=True` several (segment ids, `encode.pack_row`).
 
-* ``PretrainText``: ``input_ids [block_size]``.
-* ``SftInstructions``: ``input_ids``, ``labels``, ``attention_mask`` ``[max_seq_len]``.
-
-Records keep generation order (``disable_shuffling``): record ``k`` of a split is
-the ``k``-th index of that split (blocks in corpus order); the loader shuffles.
-The builders only write what ``staging`` has already tokenised and validated
-(see ``datasets.py``); constructed without ``staged`` they can only read.
+Records keep generation order (`disable_shuffling`): record `k` of a split is its `k`-th row; the
+loader shuffles. The builders only write what `staging` has already tokenised and validated (see
+`datasets.py`); constructed without `staged` they can only read.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +33,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
-from cnllama_jax.data import encode
+from cnllama_jax.data import encode, packing
 from cnllama_jax.data.staging import Staged
 
 FORMAT_VERSION = 1  # bump whenever the encoding of an example changes
@@ -43,9 +41,16 @@ FORMAT_VERSION = 1  # bump whenever the encoding of an example changes
 
 @dataclasses.dataclass(eq=False)
 class TokenDataConfig(tfds.core.BuilderConfig):
-  """Identity of one build: ``name`` is the fingerprint hash, the rest shapes the features."""
+  """Identity of one build: `name` is the fingerprint hash, the rest shapes the features."""
   length: int = 512
   pad_id: int = 0
+  pack: bool = False
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+  """The SentencePiece model a tokenizer path names: the file, or `<dir>/tokenizer.model`."""
+  path = Path(path)
+  return path / "tokenizer.model" if path.is_dir() else path
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -59,17 +64,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def fingerprint(kind: str, files: Sequence[Path], tokenizer_path: str | os.PathLike, *,
                 length: int, **params) -> tuple[str, dict]:
-  """Returns ``(config_name, inputs)``: a short hash naming the build and what it hashes.
+  """Names a build by a hash of everything its bytes depend on.
 
-  Sources are identified by resolved path, size and ``mtime_ns`` (cheap for
-  large corpora; touching a file rebuilds); the tokenizer by its content.
+  Sources are identified by resolved path, size and `mtime_ns` (cheap for large corpora; touching
+  a file rebuilds); the tokenizer (a `.model` file or a directory holding `tokenizer.model`) by
+  its content.
+
+  Returns:
+    `(config_name, inputs)`: e.g. `len512_3f9a0c1d2b4e5f60`, and the dict that was hashed.
   """
   inputs = {
       "kind": kind,
       "format_version": FORMAT_VERSION,
       "files": [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns]
                 for f in files],
-      "tokenizer_sha256": file_sha256(tokenizer_path),
+      "tokenizer_sha256": file_sha256(tokenizer_file(tokenizer_path)),
       "length": length,
       **params,
   }
@@ -103,15 +112,14 @@ def _int_tensor(length: int) -> tfds.features.Tensor:
 
 
 class _TokenBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared plumbing: writes the index splits of an already staged corpus."""
+  """Shared plumbing: writes the rows of an already staged corpus, split by split."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-  FEATURE_KEYS: tuple[str, ...] = ()
   DESCRIPTION = ""
-  # tfds finds a builder's files via importlib.resources on the top-level
-  # package, which raises for a namespace package (e.g. a stale editable
-  # install); we ship no checksums or metadata files, so point it here.
+  # tfds finds a builder's files via importlib.resources on the top-level package, which raises
+  # for a namespace package (e.g. a stale editable install); we ship no checksums or metadata
+  # files, so point it here.
   pkg_dir_path = epath.Path(__file__).parent
 
   @py_utils.classproperty
@@ -119,20 +127,22 @@ class _TokenBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls) -> epath.Path:
     return epath.Path(__file__)
 
-  def __init__(self, *, staged: Staged | None = None,
-               splits: dict[str, np.ndarray] | None = None,
+  def __init__(self, *, staged: Staged | None = None, splits: dict[str, Sequence] | None = None,
                metadata: dict | None = None, **kwargs):
-    """``staged``/``splits`` (split name -> example indices) are needed only to write."""
+    """`staged` and `splits` (split name -> its rows) are needed only to write."""
     self._staged, self._splits, self._extra_metadata = staged, splits, metadata or {}
     with quiet_tfds():
       super().__init__(**kwargs)
+
+  def feature_keys(self) -> tuple[str, ...]:
+    return ("input_ids", "labels", "attention_mask")
 
   def _info(self) -> tfds.core.DatasetInfo:
     length = self.builder_config.length
     return tfds.core.DatasetInfo(
         builder=self,
         description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({k: _int_tensor(length) for k in self.FEATURE_KEYS}),
+        features=tfds.features.FeaturesDict({k: _int_tensor(length) for k in self.feature_keys()}),
         metadata=tfds.core.MetadataDict(),
         disable_shuffling=True,
     )
@@ -142,50 +152,61 @@ class _TokenBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       raise RuntimeError(f"{self.name}/{self.builder_config.name} is not built; build it with "
                          f"build_pretrain_dataset / build_sft_dataset")
     self.info.metadata.update(self._extra_metadata)
-    return {name: self._generate_examples(indices) for name, indices in self._splits.items()
-            if len(indices)}
+    return {name: self._generate_examples(rows) for name, rows in self._splits.items()
+            if len(rows)}
 
-  def _generate_examples(self, indices: np.ndarray):
+  def _generate_examples(self, rows: Sequence):
     raise NotImplementedError
 
 
 class PretrainText(_TokenBuilder, skip_registration=True):
-  """Pre-training text packed into blocks: ``input_ids`` int32 ``[block_size]``."""
+  """Pre-training text cut into blocks; a split's rows are block indices."""
 
   name = "cnllama_pretrain_text"
-  FEATURE_KEYS = ("input_ids",)
   DESCRIPTION = "One document per line, BOS-prefixed, concatenated and cut into blocks."
 
-  def _generate_examples(self, indices: np.ndarray):
-    length = self.builder_config.length
-    tokens = self._staged.tokens()                                       # [n_tokens]
-    for key, block in enumerate(indices):
+  def feature_keys(self) -> tuple[str, ...]:
+    return super().feature_keys() if self.builder_config.pack else ("input_ids",)
+
+  def _generate_examples(self, rows: Sequence):
+    length, pack = self.builder_config.length, self.builder_config.pack
+    tokens = self._staged.tokens()                                              # [n_tokens]
+    for key, block in enumerate(rows):
       start = int(block) * length
-      yield key, {"input_ids": np.asarray(tokens[start:start + length], np.int32)}
+      ids = np.asarray(tokens[start:start + length], np.int32)                  # [length]
+      if not pack:
+        yield key, {"input_ids": ids}
+        continue
+      segments, labels = packing.document_segments(ids, self._staged.bos_id)    # [length] x 2
+      yield key, {"input_ids": ids, "labels": labels, "attention_mask": segments}
 
 
 class SftInstructions(_TokenBuilder, skip_registration=True):
-  """Alpaca examples: ``input_ids``, ``labels`` (prompt = -100), ``attention_mask`` ``[max_seq_len]``."""
+  """Alpaca examples, prompt labels -100; a split's rows are arrays of example indices."""
 
   name = "cnllama_sft"
-  FEATURE_KEYS = ("input_ids", "labels", "attention_mask")
   DESCRIPTION = "Alpaca instruction data in the Chinese-Alpaca prompt template."
 
-  def _generate_examples(self, indices: np.ndarray):
+  def _generate_examples(self, rows: Sequence):
     cfg = self.builder_config
-    tokens = self._staged.tokens()                                       # [n_tokens]
-    lengths, n_source = self._staged.lengths, self._staged.n_source      # [n], [n]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])                  # [n + 1]
-    for key, i in enumerate(indices):
-      ids = np.asarray(tokens[offsets[i]:offsets[i + 1]], np.int32)    # [lengths[i]]
-      labels = ids.copy()
-      labels[:n_source[i]] = encode.IGNORE_INDEX
-      yield key, encode.pad_sft(ids, labels, cfg.length, cfg.pad_id)
+    tokens = self._staged.tokens()                                              # [n_tokens]
+    lengths, n_source = self._staged.lengths, self._staged.n_source             # [n], [n]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])                         # [n + 1]
+    for key, row in enumerate(rows):
+      ids, labels = [], []
+      for i in row:
+        example = np.asarray(tokens[offsets[i]:offsets[i + 1]], np.int32)      # [lengths[i]]
+        target = example.copy()
+        target[:n_source[i]] = encode.IGNORE_INDEX
+        ids.append(example)
+        labels.append(target)
+      yield key, encode.pack_row(ids, labels, cfg.length, cfg.pad_id)
 
 
 def make_builder(cls: type[_TokenBuilder], name: str, data_dir: str | os.PathLike, *,
-                 length: int, pad_id: int = 0, description: str = "",
+                 length: int, pad_id: int = 0, pack: bool = False, description: str = "",
                  **write_kwargs) -> _TokenBuilder:
-  """A builder for config ``name`` under ``data_dir`` (pass ``staged``/``splits`` to write)."""
-  config = TokenDataConfig(name=name, length=length, pad_id=pad_id, description=description)
+  """A builder for config `name` under `data_dir` (pass `staged` and `splits` to write)."""
+  config = TokenDataConfig(name=name, length=length, pad_id=pad_id, pack=pack,
+                           description=description)
   return cls(config=config, data_dir=str(data_dir), file_format="array_record", **write_kwargs)

@@ -1,24 +1,25 @@
 """Build once, read back many times: the trainer's entry points to tfds data.
 
-``build_pretrain_dataset`` / ``build_sft_dataset`` return::
+`build_pretrain_dataset` / `build_sft_dataset` return
 
     {"train": source, "validation": source | None, "stats": dict, "path": str}
 
-where a source is a tfds ArrayRecord data source (``len(ds)``, ``ds[i] -> dict``
-of int32 arrays ``[length]``) ready for ``Loader``.  The build is cached under
-``data_dir`` by a fingerprint of its inputs (``builders.fingerprint``): the same
-files, tokenizer and settings are read back without tokenising
-(``stats["reused"] is True``).
+where a source is a tfds ArrayRecord data source (`len(ds)`, `ds[i] -> dict` of int32 arrays
+[length]) ready for `Loader`. The build is cached under `data_dir` by a fingerprint of its inputs
+(`builders.fingerprint`): the same files, tokenizer and settings are read back without tokenising
+(`stats["reused"] is True`).
 
-A build is all-or-nothing: every file is read, validated and tokenised into a
-local staging directory first (errors name file and line / example); only then
-does tfds write, into its own ``incomplete.*`` directory renamed into place at
-the end.  A failed build therefore never touches an earlier build.
+A build is all-or-nothing: every file is read, validated and tokenised into a local staging
+directory first (errors name file and line / example); only then does tfds write, into its own
+`incomplete.*` directory renamed into place at the end. A failed build therefore never touches an
+earlier build.
 
-Multi-host: build on one host (or ahead of time) into shared storage, then call
-the same function everywhere; a prepared build is only read.
+Packing (`pack=True`, see `packing`) happens here, once per build, after the train/validation
+split (so both splits hold the same examples packed or not); the rows are stored as they train.
+
+Multi-host: build on one host (or ahead of time) into shared storage, then call the same function
+everywhere; a prepared build is only read.
 """
-
 from __future__ import annotations
 
 import logging
@@ -26,14 +27,20 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
-from cnllama_jax.data import builders, encode, sources, staging
+from cnllama_jax import tokenizer as tokenizer_lib
+from cnllama_jax.data import builders, encode, packing, sources, staging
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
+# (tokenizer, staging dir) -> (staged corpus, stats, number of examples or blocks)
+StageFn = Callable[..., tuple[staging.Staged, dict, int]]
+# (staged corpus, sorted indices of one split) -> that split's rows
+RowsFn = Callable[[staging.Staged, np.ndarray], Sequence]
 
 
 def _read_back(builder: builders._TokenBuilder) -> dict:
@@ -45,16 +52,17 @@ def _read_back(builder: builders._TokenBuilder) -> dict:
   return {"train": train, "validation": validation, "stats": stats, "path": str(builder.data_dir)}
 
 
-def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path], tokenizer_path: PathLike,
-           data_dir: PathLike, length: int, pad_id: int, val_fraction: float, split_seed: int,
-           skip_bad_lines: bool, stage_fn, staging_dir: PathLike | None, progress: bool) -> dict:
-  """Finds or builds the config for these inputs; ``stage_fn(tokenizer, tmp) -> (staged, stats, n)``."""
+def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path],
+           tokenizer_path: PathLike, data_dir: PathLike, *, length: int, pad_id: int, pack: bool,
+           val_fraction: float, split_seed: int, skip_bad_lines: bool, stage_fn: StageFn,
+           rows_fn: RowsFn, staging_dir: PathLike | None) -> dict:
+  """Finds the build of these inputs, or stages, splits, groups into rows and writes it."""
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
   name, inputs = builders.fingerprint(kind, files, tokenizer_path, length=length, pad_id=pad_id,
-                                      val_fraction=val_fraction, split_seed=split_seed,
-                                      skip_bad_lines=skip_bad_lines)
-  builder = builders.make_builder(cls, name, data_dir, length=length, pad_id=pad_id)
+                                      pack=pack, val_fraction=val_fraction,
+                                      split_seed=split_seed, skip_bad_lines=skip_bad_lines)
+  builder = builders.make_builder(cls, name, data_dir, length=length, pad_id=pad_id, pack=pack)
   with builders.quiet_tfds():
     prepared = builder.is_prepared()
   if prepared:
@@ -64,17 +72,22 @@ def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path], toke
     return out
 
   start = time.time()
-  tokenizer = encode.load_tokenizer(tokenizer_path)
+  tokenizer = tokenizer_lib.load_processor(tokenizer_path)
+  encode.check_bos_eos(tokenizer, tokenizer_path)
   Path(staging_dir or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix="cnllama-staging-", dir=staging_dir) as tmp:
     staged, stats, n = stage_fn(tokenizer, Path(tmp))
     train, validation = encode.split_indices(n, val_fraction, split_seed)
+    splits = {"train": rows_fn(staged, train), "validation": rows_fn(staged, validation)}
     stats.update(train_examples=len(train), validation_examples=len(validation),
-                 config=name, build_seconds=round(time.time() - start, 3))
+                 train_rows=len(splits["train"]), validation_rows=len(splits["validation"]),
+                 packed=pack, config=name, build_seconds=round(time.time() - start, 3))
+    if staged.lengths is not None:
+      stats.update(packing.packing_stats([*splits["train"], *splits["validation"]],
+                                         staged.lengths, length))
     builder = builders.make_builder(
-        cls, name, data_dir, length=length, pad_id=pad_id,
-        description=f"inputs: {inputs}", staged=staged,
-        splits={"train": train, "validation": validation},
+        cls, name, data_dir, length=length, pad_id=pad_id, pack=pack,
+        description=f"inputs: {inputs}", staged=staged, splits=splits,
         metadata={"stats": stats, "inputs": inputs})
     with builders.quiet_tfds():
       builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
@@ -87,15 +100,29 @@ def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path], toke
 
 def build_pretrain_dataset(files_or_dir: PathLike | Sequence[PathLike], tokenizer_path: PathLike,
                            data_dir: PathLike, block_size: int = 512, val_fraction: float = 0.01, *,
-                           skip_bad_lines: bool = False, split_seed: int = 0,
+                           pack: bool = False, skip_bad_lines: bool = False, split_seed: int = 0,
                            staging_dir: PathLike | None = None, progress: bool = True) -> dict:
-  """Pre-training blocks from ``.txt`` files (one document per line).
+  """Pre-training blocks from `.txt` files (one document per line).
 
-  Stats: ``files, documents, tokens, blocks, dropped_tokens`` (tail shorter than
-  a block), ``skipped_empty_lines, skipped_bad_lines, train_examples,
-  validation_examples, config, build_seconds, reused``.  The validation split
-  is ``round(blocks * val_fraction)`` blocks chosen by ``split_seed``
-  (``encode.split_indices``); ``val_fraction=0`` gives ``validation=None``.
+  Args:
+    files_or_dir: text files or directories of them (`sources.list_files`).
+    tokenizer_path: a SentencePiece `.model` or a directory holding `tokenizer.model`.
+    data_dir: where builds live (one subdirectory per fingerprint).
+    block_size: tokens per block; the corpus tail shorter than a block is dropped.
+    val_fraction: `round(blocks * val_fraction)` blocks chosen by `split_seed`
+      (`encode.split_indices`) form the validation split; 0 gives `validation=None`.
+    pack: store one segment per document in each block (`packing.document_segments`): attention
+      stops at document ends. False (the paper's `group_texts`): labels = input ids, mask all 1.
+    skip_bad_lines: skip (and count) non-UTF-8 lines instead of failing.
+    split_seed: seeds the validation choice.
+    staging_dir: where the token stream is staged (default: the system temp directory).
+    progress: show tqdm bars.
+
+  Returns:
+    `{"train", "validation", "stats", "path"}`; stats: `files, documents, tokens, blocks,
+    dropped_tokens` (tail shorter than a block), `skipped_empty_lines, skipped_bad_lines,
+    train_examples, validation_examples, train_rows, validation_rows, packed, config,
+    build_seconds, reused`.
   """
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")
@@ -111,21 +138,36 @@ def build_pretrain_dataset(files_or_dir: PathLike | Sequence[PathLike], tokenize
     stats.update(blocks=n_blocks, dropped_tokens=staged.n_tokens - n_blocks * block_size)
     return staged, stats, n_blocks
 
-  return _build(builders.PretrainText, "pretrain", files, tokenizer_path, data_dir, block_size, 0,
-                val_fraction, split_seed, skip_bad_lines, stage, staging_dir, progress)
+  return _build(builders.PretrainText, "pretrain", files, tokenizer_path, data_dir,
+                length=block_size, pad_id=0, pack=pack, val_fraction=val_fraction,
+                split_seed=split_seed, skip_bad_lines=skip_bad_lines, stage_fn=stage,
+                rows_fn=lambda staged, blocks: blocks, staging_dir=staging_dir)
 
 
 def build_sft_dataset(json_path_or_dir: PathLike | Sequence[PathLike], tokenizer_path: PathLike,
                       data_dir: PathLike, max_seq_len: int = 512, *, pad_id: int,
-                      val_fraction: float = 0.01, skip_bad_lines: bool = False,
-                      split_seed: int = 0, staging_dir: PathLike | None = None,
-                      progress: bool = True) -> dict:
-  """Instruction examples from Alpaca ``.json`` lists or ``.jsonl`` files.
+                      pack: bool = False, val_fraction: float = 0.01,
+                      skip_bad_lines: bool = False, split_seed: int = 0,
+                      staging_dir: PathLike | None = None, progress: bool = True) -> dict:
+  """Instruction examples from Alpaca `.json` lists or `.jsonl` files.
 
-  ``pad_id`` fills ``input_ids`` past the end of an example (Chinese-Alpaca:
-  the ``[PAD]`` id).  Stats: ``files, examples, tokens, supervised_tokens,
-  truncated, fully_masked, skipped_bad_lines, train_examples,
-  validation_examples, config, build_seconds, reused``.
+  Args:
+    json_path_or_dir: instruction files or directories of them.
+    tokenizer_path: a SentencePiece `.model` or a directory holding `tokenizer.model`.
+    data_dir: where builds live (one subdirectory per fingerprint).
+    max_seq_len: row length; longer examples are right-truncated (as the paper), so no example
+      is ever split across rows.
+    pad_id: fills `input_ids` past the end of a row (Chinese-Alpaca: the `[PAD]` id).
+    pack: several examples per row (`packing.best_fit_decreasing` within each split, segment
+      ids in `attention_mask`); False: one example per row.
+    val_fraction, skip_bad_lines, split_seed, staging_dir, progress: as `build_pretrain_dataset`
+      (the validation split is chosen among examples, before packing).
+
+  Returns:
+    `{"train", "validation", "stats", "path"}`; stats: `files, examples, tokens,
+    supervised_tokens, truncated, fully_masked, skipped_bad_lines, train_examples,
+    validation_examples, train_rows, validation_rows, rows, examples_per_row,
+    real_token_fraction, packed, config, build_seconds, reused`.
   """
   if max_seq_len < 2:
     raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
@@ -136,12 +178,19 @@ def build_sft_dataset(json_path_or_dir: PathLike | Sequence[PathLike], tokenizer
                                       skip_bad_lines=skip_bad_lines, progress=progress)
     return staged, stats, stats["examples"]
 
-  return _build(builders.SftInstructions, "sft", files, tokenizer_path, data_dir, max_seq_len,
-                pad_id, val_fraction, split_seed, skip_bad_lines, stage, staging_dir, progress)
+  def rows(staged: staging.Staged, indices: np.ndarray) -> list[np.ndarray]:
+    if not pack:
+      return [indices[k:k + 1] for k in range(len(indices))]
+    return [indices[r] for r in packing.best_fit_decreasing(staged.lengths[indices], max_seq_len)]
+
+  return _build(builders.SftInstructions, "sft", files, tokenizer_path, data_dir,
+                length=max_seq_len, pad_id=pad_id, pack=pack, val_fraction=val_fraction,
+                split_seed=split_seed, skip_bad_lines=skip_bad_lines, stage_fn=stage,
+                rows_fn=rows, staging_dir=staging_dir)
 
 
 def load_built(path: PathLike) -> dict:
-  """Reads a finished build directory (``result["path"]``) without its sources or tokenizer."""
+  """Reads a finished build directory (`result["path"]`) without its sources or tokenizer."""
   with builders.quiet_tfds():
     builder = tfds.builder_from_directory(str(path))
   return _read_back(builder)

@@ -1,20 +1,19 @@
 """Deterministic batches: the global batch is a pure function of (seed, step).
 
 The example stream is the concatenation of per-epoch permutations,
-``np.random.default_rng([seed, epoch]).permutation(n)`` for epoch 0, 1, ...;
-global batch ``s`` covers stream positions ``[s * B, (s + 1) * B)`` (a batch may
-straddle an epoch boundary), and host ``i`` of ``p`` reads only rows
-``[i * B / p, (i + 1) * B / p)`` of it.  Resuming needs only the step; no
-iterator state exists.
+`np.random.default_rng([seed, epoch]).permutation(n)` for epoch 0, 1, ...; global batch `s` covers
+stream positions [s * B, (s + 1) * B) (a batch may straddle an epoch boundary), and host `i` of
+`p` reads only rows [i * B / p, (i + 1) * B / p) of it. Resuming needs only the step; no iterator
+state exists.
 
-A source is anything with ``__len__`` and ``__getitem__(i) -> dict`` of equal
-length 1-D int arrays (a tfds ArrayRecord data source, or a list of dicts); its
-``__getitems__(indices)`` is used when present (one batched read).  Examples
-without ``labels`` are pre-training blocks: labels = input ids, mask all ones.
-Labels are aligned with ``input_ids`` (not shifted): as in Hugging Face, the
-loss predicts ``labels[:, t + 1]`` from position ``t``; -100 is ignored.
+A source is anything with `__len__` and `__getitem__(i) -> dict` of equal-length 1-D int arrays
+(a tfds ArrayRecord data source, or a list of dicts); its `__getitems__(indices)` is used when
+present (one batched read). An "example" here is one stored row: with packing (see `packing`) a
+row holds several training examples, told apart by segment ids in `attention_mask`. Rows without
+`labels` are pre-training blocks: labels = input ids, mask all ones. Labels are aligned with
+`input_ids` (not shifted): as in Hugging Face, the loss predicts `labels[:, t + 1]` from position
+`t`; -100 is ignored.
 """
-
 from __future__ import annotations
 
 import collections
@@ -25,23 +24,28 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-KEYS = ("input_ids", "labels", "attention_mask")
-
-
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  """The order of epoch ``epoch``: a permutation of ``range(n)`` (int64 ``[n]``)."""
+  """The order of epoch `epoch`: a permutation of `range(n)`, int64 [n]."""
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def collate(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  """Stacks examples into ``input_ids``, ``labels``, ``attention_mask`` int32 ``[n, length]``."""
+  """Stacks examples into a batch.
+
+  Args:
+    examples: dicts of int [length] arrays; `labels` and `attention_mask` are optional (default:
+      the input ids, all ones).
+
+  Returns:
+    `input_ids`, `labels`, `attention_mask`: int32 [n, length].
+  """
   input_ids = np.stack([np.asarray(e["input_ids"], np.int32) for e in examples])  # [n, length]
   if "labels" in examples[0]:
     labels = np.stack([np.asarray(e["labels"], np.int32) for e in examples])     # [n, length]
   else:
     labels = input_ids.copy()
   if "attention_mask" in examples[0]:
-    mask = np.stack([np.asarray(e["attention_mask"], np.int32) for e in examples])
+    mask = np.stack([np.asarray(e["attention_mask"], np.int32) for e in examples])  # [n, length]
   else:
     mask = np.ones_like(input_ids)                                               # [n, length]
   return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
@@ -51,11 +55,11 @@ class Loader:
   """This host's slice of the global batch at any step.
 
   Args:
-    source: ``len(source)`` examples, ``source[i] -> dict``.
-    global_batch_size: examples per step over all hosts (B).
+    source: `len(source)` rows, `source[i] -> dict`.
+    global_batch_size: rows per step over all hosts (B).
     seed: chooses every epoch's order.
-    process_index, process_count: this host (``jax.process_index()``) and how
-      many hosts (``jax.process_count()``); B must be divisible by the count.
+    process_index: this host (`jax.process_index()`).
+    process_count: how many hosts (`jax.process_count()`); B must be divisible by it.
   """
 
   def __init__(self, source: Sequence[dict], global_batch_size: int, seed: int,
@@ -81,21 +85,17 @@ class Loader:
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
-    """Number of examples in the source (not batches)."""
+    """Number of rows in the source (not batches)."""
     return self.num_examples
 
   @property
   def steps_per_epoch(self) -> int:
-    """Whole global batches per epoch, ``n // B`` (at least 1)."""
+    """Whole global batches per epoch, `n // B` (at least 1)."""
     return max(1, self.num_examples // self.global_batch_size)
 
   def steps_for_epochs(self, num_epochs: float) -> int:
-    """Steps to consume ``num_epochs`` passes over the data: ``ceil(epochs * n / B)``."""
+    """Steps to consume `num_epochs` passes over the data: `ceil(epochs * n / B)`."""
     return int(np.ceil(num_epochs * self.num_examples / self.global_batch_size))
-
-  def epoch_at(self, step: int) -> float:
-    """Epochs completed before ``step`` (fractional)."""
-    return step * self.global_batch_size / self.num_examples
 
   def _order(self, epoch: int) -> np.ndarray:
     with self._lock:  # iterate() calls batch() from a prefetch thread
@@ -106,11 +106,11 @@ class Loader:
       return self._orders[epoch]
 
   def global_indices(self, step: int) -> np.ndarray:
-    """Example indices of the whole global batch at ``step`` (int64 ``[B]``)."""
+    """Row indices of the whole global batch at `step`, int64 [B]."""
     return self._indices(step * self.global_batch_size, self.global_batch_size)
 
   def indices(self, step: int) -> np.ndarray:
-    """Example indices of this host's rows at ``step`` (int64 ``[B / p]``)."""
+    """Row indices of this host's slice at `step`, int64 [B / p]."""
     start = step * self.global_batch_size + self.process_index * self.local_batch_size
     return self._indices(start, self.local_batch_size)
 
@@ -126,7 +126,7 @@ class Loader:
     return out
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This host's batch at ``step``: each key int32 ``[B / p, length]``."""
+    """This host's rows at `step`: `input_ids`, `labels`, `attention_mask`, int32 [B / p, L]."""
     idx = [int(i) for i in self.indices(step)]
     examples = self._getitems(idx) if self._getitems is not None else [self.source[i] for i in idx]
     try:
@@ -137,7 +137,7 @@ class Loader:
 
   def iterate(self, start_step: int = 0, num_steps: int | None = None,
               prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Yields ``batch(start_step)``, ``batch(start_step + 1)``, ... read ahead by a thread."""
+    """Yields `batch(start_step)`, `batch(start_step + 1)`, ... read ahead by a thread."""
     stop = None if num_steps is None else start_step + num_steps
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
       pending: collections.deque = collections.deque()
@@ -152,7 +152,11 @@ class Loader:
 
 
 def measure_throughput(loader: Loader, num_steps: int = 20, start_step: int = 0) -> dict:
-  """Times ``loader.batch`` over ``num_steps`` steps; returns tokens/s, examples/s, seconds."""
+  """Times `loader.batch` over `num_steps` steps.
+
+  Returns:
+    `tokens_per_s` (row slots, padding included), `examples_per_s` (rows), `seconds`, `steps`.
+  """
   loader.batch(start_step)  # warm up (opens files)
   t0 = time.perf_counter()
   tokens = 0

@@ -1,39 +1,49 @@
-"""Reading local corpora: file discovery, UTF-8 lines, Alpaca JSON / JSONL records.
+"""Reading local corpora: the one reader of text lines, text documents and instruction records.
 
-Every problem is one ``ValueError`` (or ``FileNotFoundError``) line naming the
-file and the line number or example index, e.g.::
+Public readers (the rest of the project reads files through these):
+  `iter_lines(path)`: (line number, text, raw bytes) of one UTF-8 file.
+  `iter_documents(files)`: the non-blank lines of text files, one document each (pre-training,
+    tokenizer training, perplexity).
+  `iter_instruction_records(path)`: validated Alpaca records from a `.json` list or `.jsonl` file.
+  `read_instructions(path)`: prompts for generation from `.txt` (one instruction a line),
+    `.json` or `.jsonl`; `output` optional.
+
+Every problem is one `ValueError` (or `FileNotFoundError`) line naming the file and the line
+number or example index, e.g.:
 
     data/alpaca.json:17:5: malformed JSON: Expecting ',' delimiter
     data/zh.txt:3: not valid UTF-8 (byte 0xff at column 12); fix the file or pass skip_bad_lines=True
     data/sft.jsonl: example 4 (line 5): missing field 'output' (need 'instruction' and 'output'; 'input' is optional)
 
-With ``skip_bad_lines=True`` a text or JSONL line that is not UTF-8 (or, in a
-JSONL file, not valid JSON) is skipped and counted in
-``stats["skipped_bad_lines"]`` instead.
+With `skip_bad_lines=True` a text or JSONL line that is not UTF-8 (or, in a JSONL file, not valid
+JSON) is skipped and counted in `stats["skipped_bad_lines"]` instead.
 """
-
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, MutableMapping, Sequence
+from typing import Callable, Iterable, Iterator, MutableMapping, Sequence
 
 TEXT_SUFFIXES = (".txt",)
 INSTRUCTION_SUFFIXES = (".json", ".jsonl")
-REQUIRED_FIELDS = ("instruction", "output")
-OPTIONAL_FIELDS = ("input",)
-
 PathLike = str | os.PathLike
 
 
 def list_files(files_or_dir: PathLike | Sequence[PathLike], suffixes: Sequence[str]) -> list[Path]:
   """Expands files and directories into a sorted file list.
 
-  A directory contributes every file below it (recursively, hidden entries
-  skipped) whose name ends with one of ``suffixes``; a file named explicitly is
-  taken whatever its suffix.  Raises ``FileNotFoundError`` for a missing path or
-  when nothing is found.
+  Args:
+    files_or_dir: one path or several. A directory contributes every file below it (recursively,
+      hidden entries skipped) whose name ends with one of `suffixes`; a file named explicitly is
+      taken whatever its suffix.
+    suffixes: e.g. `TEXT_SUFFIXES`.
+
+  Returns:
+    The files, each directory's sorted, in the order given.
+
+  Raises:
+    FileNotFoundError: a path is missing, or a directory holds no matching file.
   """
   items = [files_or_dir] if isinstance(files_or_dir, (str, os.PathLike)) else list(files_or_dir)
   if not items:
@@ -62,15 +72,21 @@ def _utf8_error(path: Path, lineno: int, err: UnicodeDecodeError, raw: bytes) ->
                     f"{column}); fix the file or pass skip_bad_lines=True")
 
 
+def _count(stats: MutableMapping[str, int] | None, key: str) -> None:
+  if stats is not None:
+    stats[key] = stats.get(key, 0) + 1
+
+
 def iter_lines(path: PathLike, *, skip_bad_lines: bool = False,
                stats: MutableMapping[str, int] | None = None) -> Iterator[tuple[int, str, int]]:
-  """Yields ``(line_number, text, n_bytes)`` for each line of a UTF-8 file.
+  """Yields `(line_number, text, n_bytes)` for each line of a UTF-8 file.
 
-  Line numbers start at 1; the trailing ``\\n`` / ``\\r\\n`` is removed, as is a
-  UTF-8 byte-order mark on line 1.  ``n_bytes`` is the raw size of the line (for
-  progress bars).  A line that is not UTF-8 raises ``ValueError`` naming file
-  and line, or with ``skip_bad_lines`` is skipped and counted in
-  ``stats["skipped_bad_lines"]``.
+  Line numbers start at 1; the trailing `\n` / `\r\n` is removed, as is a UTF-8 byte-order mark
+  on line 1. `n_bytes` is the raw size of the line (for progress bars).
+
+  Raises:
+    ValueError: a line is not UTF-8 (naming file, line and column), unless `skip_bad_lines`, which
+      skips it and counts it in `stats["skipped_bad_lines"]`.
   """
   path = Path(path)
   with open(path, "rb") as f:
@@ -80,8 +96,7 @@ def iter_lines(path: PathLike, *, skip_bad_lines: bool = False,
       except UnicodeDecodeError as err:
         if not skip_bad_lines:
           raise _utf8_error(path, lineno, err, raw) from None
-        if stats is not None:
-          stats["skipped_bad_lines"] = stats.get("skipped_bad_lines", 0) + 1
+        _count(stats, "skipped_bad_lines")
         continue
       if lineno == 1 and text.startswith("\ufeff"):
         text = text[1:]
@@ -90,23 +105,56 @@ def iter_lines(path: PathLike, *, skip_bad_lines: bool = False,
       yield lineno, text, len(raw)
 
 
-def check_record(obj: object, path: PathLike, index: int, lineno: int | None = None) -> dict:
-  """Validates one instruction example; returns ``{instruction, input, output}`` strings.
+def iter_documents(files: Iterable[PathLike], *, skip_bad_lines: bool = False,
+                   stats: MutableMapping[str, int] | None = None,
+                   on_bytes: Callable[[int], object] | None = None) -> Iterator[str]:
+  """Yields the documents of text files: every non-blank line, in file then line order.
 
-  ``instruction`` and ``output`` must be strings; ``input`` may be missing or
-  ``null`` (both read as "").  Extra keys are ignored.
+  Lines that are empty or only whitespace are skipped and counted in
+  `stats["skipped_empty_lines"]` (the paper's HF "text" loader keeps them, each becoming a lone
+  BOS).
+
+  Args:
+    files: UTF-8 text files (see `list_files`).
+    skip_bad_lines: skip (and count) lines that are not UTF-8 instead of raising.
+    stats: counters updated in place: `skipped_empty_lines`, `skipped_bad_lines`.
+    on_bytes: called with the raw size of every line read (e.g. a tqdm bar's `update`).
+  """
+  for path in files:
+    for _, text, n_bytes in iter_lines(path, skip_bad_lines=skip_bad_lines, stats=stats):
+      if on_bytes is not None:
+        on_bytes(n_bytes)
+      if text.strip():
+        yield text
+      else:
+        _count(stats, "skipped_empty_lines")
+
+
+def check_record(obj: object, path: PathLike, index: int, lineno: int | None = None, *,
+                 require_output: bool = True) -> dict[str, str]:
+  """Validates one instruction example.
+
+  `instruction` (and `output` when `require_output`) must be strings; `input` (and an optional
+  `output`) may be missing or null, both read as "". Extra keys are ignored.
+
+  Returns:
+    `{"instruction", "input", "output"}`, all strings.
+
+  Raises:
+    ValueError: one line naming the file, example index (and line) and the field.
   """
   where = f"{path}: example {index}" + (f" (line {lineno})" if lineno is not None else "")
   if not isinstance(obj, dict):
     raise ValueError(f"{where}: expected a JSON object with 'instruction', 'input', 'output', "
                      f"found {type(obj).__name__}")
+  required = ("instruction", "output") if require_output else ("instruction",)
   record = {}
-  for key in REQUIRED_FIELDS + OPTIONAL_FIELDS:
-    if key not in obj and key in REQUIRED_FIELDS:
-      raise ValueError(f"{where}: missing field '{key}' (need 'instruction' and 'output'; "
-                       f"'input' is optional)")
+  for key in ("instruction", "output", "input"):
+    if key not in obj and key in required:
+      need = "'instruction' and 'output'" if require_output else "'instruction'"
+      raise ValueError(f"{where}: missing field '{key}' (need {need}; 'input' is optional)")
     value = obj.get(key)
-    if value is None and key in OPTIONAL_FIELDS:
+    if value is None and key not in required:
       value = ""
     if not isinstance(value, str):
       found = "null" if value is None else type(value).__name__
@@ -126,7 +174,7 @@ def _first_byte(path: Path) -> bytes:
   return b""
 
 
-def _iter_json_array(path: Path) -> Iterator[tuple[int, dict, int]]:
+def _iter_json_array(path: Path, require_output: bool) -> Iterator[tuple[int, dict, int]]:
   raw = path.read_bytes()
   try:
     text = raw.decode("utf-8-sig")
@@ -145,11 +193,11 @@ def _iter_json_array(path: Path) -> Iterator[tuple[int, dict, int]]:
     raise ValueError(f"{path}: expected a JSON list of examples, found {type(data).__name__}")
   size = max(1, len(raw) // max(1, len(data)))
   for index, obj in enumerate(data):
-    yield index, check_record(obj, path, index), size
+    yield index, check_record(obj, path, index, require_output=require_output), size
 
 
-def _iter_jsonl(path: Path, skip_bad_lines: bool,
-                stats: MutableMapping[str, int]) -> Iterator[tuple[int, dict, int]]:
+def _iter_jsonl(path: Path, skip_bad_lines: bool, stats: MutableMapping[str, int],
+                require_output: bool) -> Iterator[tuple[int, dict, int]]:
   index = 0
   for lineno, line, n_bytes in iter_lines(path, skip_bad_lines=skip_bad_lines, stats=stats):
     if not line.strip():
@@ -158,31 +206,42 @@ def _iter_jsonl(path: Path, skip_bad_lines: bool,
       obj = json.loads(line)
     except json.JSONDecodeError as err:
       if skip_bad_lines:
-        stats["skipped_bad_lines"] = stats.get("skipped_bad_lines", 0) + 1
+        _count(stats, "skipped_bad_lines")
         continue
       raise ValueError(f"{path}:{lineno}:{err.colno}: malformed JSON line: {err.msg}; fix the "
                        f"line or pass skip_bad_lines=True") from None
-    yield index, check_record(obj, path, index, lineno), n_bytes
+    yield index, check_record(obj, path, index, lineno, require_output=require_output), n_bytes
     index += 1
 
 
 def iter_instruction_records(path: PathLike, *, skip_bad_lines: bool = False,
-                             stats: MutableMapping[str, int] | None = None
-                             ) -> Iterator[tuple[int, dict, int]]:
-  """Yields ``(example_index, record, n_bytes)`` from an Alpaca JSON or JSONL file.
+                             stats: MutableMapping[str, int] | None = None,
+                             require_output: bool = True) -> Iterator[tuple[int, dict, int]]:
+  """Yields `(example_index, record, n_bytes)` from an Alpaca JSON or JSONL file.
 
-  A file whose first non-blank character is ``[`` is one JSON list (Alpaca);
-  anything else is read as JSON Lines (one object per line, blank lines
-  ignored).  ``example_index`` counts from 0 within the file.
+  A file whose first non-blank character is `[` is one JSON list (Alpaca); anything else is read
+  as JSON Lines (one object per line, blank lines ignored). `example_index` counts from 0 within
+  the file; `record` is `check_record`'s.
   """
   path = Path(path)
   stats = {} if stats is None else stats
   if _first_byte(path) == b"[":
-    yield from _iter_json_array(path)
+    yield from _iter_json_array(path, require_output)
   else:
-    yield from _iter_jsonl(path, skip_bad_lines, stats)
+    yield from _iter_jsonl(path, skip_bad_lines, stats, require_output)
+
+
+def read_instructions(path: PathLike) -> list[dict[str, str]]:
+  """Prompts to answer: `{"instruction", "input", "output"}` records, `output` optional ("").
+
+  A `.txt` file holds one instruction per non-blank line; anything else is an Alpaca `.json`
+  list or `.jsonl` file (as `iter_instruction_records`). Errors name file and line or example.
+  """
+  if Path(path).suffix == ".txt":
+    return [{"instruction": text, "input": "", "output": ""} for text in iter_documents([path])]
+  return [record for _, record, _ in iter_instruction_records(path, require_output=False)]
 
 
 def total_bytes(files: Iterable[Path]) -> int:
-  """Sum of file sizes (for a progress bar)."""
+  """Sum of file sizes in bytes (for a progress bar)."""
   return sum(Path(f).stat().st_size for f in files)

@@ -1,15 +1,13 @@
 """Tokenise a whole corpus into a staging file before anything is written by tfds.
 
-Staging reads and validates every input first, so a bad file fails the build
-before the tfds data directory is touched; it also tells the builder the exact
-number of blocks/examples, which the train/validation split needs.
+Staging reads and validates every input first, so a bad file fails the build before the tfds data
+directory is touched; it also tells the builder the exact number of blocks or examples, which the
+train/validation split and packing need.
 
-The staging file is a flat token stream ``[n_tokens]`` (uint16 when the
-vocabulary fits, else int32).  For SFT it holds each (truncated, unpadded)
-example back to back, with ``lengths [n]`` and ``n_source [n]`` (masked prompt
-tokens) kept in memory.
+The staging file is a flat token stream [n_tokens] (uint16 when the vocabulary fits, else int32).
+For SFT it holds each (truncated, unpadded) example back to back, with `lengths` [n] and
+`n_source` [n] (masked prompt tokens) kept in memory.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -32,20 +30,23 @@ class Staged:
   path: Path
   dtype: np.dtype
   n_tokens: int
+  bos_id: int = 1
   lengths: np.ndarray | None = None    # [n_examples] int64, SFT only
   n_source: np.ndarray | None = None   # [n_examples] int64, SFT only
 
   def tokens(self) -> np.ndarray:
-    """The token stream ``[n_tokens]`` (memory-mapped)."""
+    """The token stream [n_tokens] (memory-mapped)."""
     if self.n_tokens == 0:
       return np.zeros(0, self.dtype)
     return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.n_tokens,))
 
 
 class _TokenWriter:
+  """Appends token ids to a flat binary file."""
+
   def __init__(self, path: Path, dtype: np.dtype):
     self.path, self.dtype, self.n_tokens = path, dtype, 0
-    self._file = open(path, "wb")
+    self._file = open(path, "wb")  # pylint: disable=consider-using-with
 
   def write(self, ids: Sequence[int] | np.ndarray) -> None:
     arr = np.asarray(ids, self.dtype)
@@ -75,10 +76,12 @@ def stage_pretrain(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor,
                    progress: bool = True) -> tuple[Staged, dict]:
   """Tokenises one document per non-blank line (BOS + ids) into a token stream.
 
-  Lines that are empty or only whitespace are skipped (the paper's HF "text"
-  loader keeps them, each becoming a lone BOS).  Returns the staged stream and
-  stats: ``files, documents, tokens, skipped_empty_lines, skipped_bad_lines``.
-  Raises ``ValueError`` on non-UTF-8 input (unless skipped) or an empty corpus.
+  Returns:
+    The staged stream and stats: `files, documents, tokens, skipped_empty_lines,
+    skipped_bad_lines`.
+
+  Raises:
+    ValueError: non-UTF-8 input (unless `skip_bad_lines`) or an empty corpus.
   """
   stats = {"files": len(files), "documents": 0, "tokens": 0, "skipped_empty_lines": 0,
            "skipped_bad_lines": 0}
@@ -93,16 +96,11 @@ def stage_pretrain(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor,
 
   try:
     with _progress(files, "tokenising text", progress) as bar:
-      for path in files:
-        for _, line, n_bytes in sources.iter_lines(path, skip_bad_lines=skip_bad_lines,
-                                                   stats=stats):
-          bar.update(n_bytes)
-          if not line.strip():
-            stats["skipped_empty_lines"] += 1
-            continue
-          batch.append(line)
-          if len(batch) >= batch_size:
-            flush()
+      for document in sources.iter_documents(files, skip_bad_lines=skip_bad_lines, stats=stats,
+                                             on_bytes=bar.update):
+        batch.append(document)
+        if len(batch) >= batch_size:
+          flush()
       flush()
   finally:
     writer.close()
@@ -112,18 +110,21 @@ def stage_pretrain(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor,
   logger.info("tokenised %d documents into %d tokens (%d empty and %d bad lines skipped)",
               stats["documents"], stats["tokens"], stats["skipped_empty_lines"],
               stats["skipped_bad_lines"])
-  return Staged(writer.path, writer.dtype, writer.n_tokens), stats
+  return Staged(writer.path, writer.dtype, writer.n_tokens, tokenizer.bos_id()), stats
 
 
 def stage_sft(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor, staging_dir: Path,
               max_seq_len: int, *, skip_bad_lines: bool = False, batch_size: int = 1024,
               progress: bool = True) -> tuple[Staged, dict]:
-  """Tokenises Alpaca examples (BOS + prompt | output + EOS), truncated to ``max_seq_len``.
+  """Tokenises Alpaca examples (BOS + prompt | output + EOS), truncated to `max_seq_len`.
 
-  Returns the staged examples and stats: ``files, examples, tokens,
-  supervised_tokens, truncated`` (longer than ``max_seq_len`` before
-  truncation), ``fully_masked`` (prompt alone fills ``max_seq_len``: no
-  supervised token left) and ``skipped_bad_lines``.
+  Returns:
+    The staged examples and stats: `files, examples, tokens, supervised_tokens, truncated`
+    (longer than `max_seq_len` before truncation), `fully_masked` (the prompt alone fills
+    `max_seq_len`: no supervised token left) and `skipped_bad_lines`.
+
+  Raises:
+    ValueError: malformed or non-UTF-8 input (naming file and line or example), or no examples.
   """
   stats = {"files": len(files), "examples": 0, "tokens": 0, "supervised_tokens": 0,
            "truncated": 0, "fully_masked": 0, "skipped_bad_lines": 0}
@@ -153,7 +154,7 @@ def stage_sft(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor, stag
     with _progress(files, "tokenising instructions", progress) as bar:
       for path in files:
         for _, record, n_bytes in sources.iter_instruction_records(
-                path, skip_bad_lines=skip_bad_lines, stats=stats):
+            path, skip_bad_lines=skip_bad_lines, stats=stats):
           bar.update(n_bytes)
           batch.append(record)
           if len(batch) >= batch_size:
@@ -169,4 +170,4 @@ def stage_sft(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor, stag
   stats["supervised_tokens"] = int((lengths_arr - n_source_arr).sum())
   logger.info("tokenised %d examples (%d truncated to %d tokens, %d bad lines skipped)",
               stats["examples"], stats["truncated"], max_seq_len, stats["skipped_bad_lines"])
-  return Staged(writer.path, writer.dtype, writer.n_tokens, lengths_arr, n_source_arr), stats
+  return Staged(writer.path, writer.dtype, writer.n_tokens, bos, lengths_arr, n_source_arr), stats
