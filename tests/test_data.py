@@ -90,7 +90,7 @@ def sft(path, tok_path, data_dir, **kw):
   return build_sft_dataset(path, tok_path, data_dir, **kw)
 
 
-# ----------------------------------------------------------------------------- SFT encoding
+# --- SFT encoding --------------------------------------------------------------------------------
 
 # "<s>▁Below is an instruction ... request.\n\n### Instruction:\n" in the tiny tokenizer.
 HEAD = [1, 432, 69, 433, 367, 377, 261, 436, 376, 438, 435, 439, 448, 446, 435, 365, 259, 440,
@@ -153,7 +153,7 @@ def test_sft_overlong_example_is_right_truncated(sp):
   assert ex["attention_mask"].tolist() == [1] * 131
 
 
-# ----------------------------------------------------------------------------- pre-training builds
+# --- pre-training builds -------------------------------------------------------------------------
 
 
 @pytest.fixture()
@@ -225,7 +225,7 @@ def test_finished_build_reads_back_without_sources(corpus, tok_path, tmp_path):
                                 out["validation"][0]["input_ids"])
 
 
-# ----------------------------------------------------------------------------- SFT builds
+# --- SFT builds ----------------------------------------------------------------------------------
 
 
 def test_sft_build_matches_encode_sft_example(tok_path, sp, tmp_path):
@@ -260,7 +260,7 @@ def test_sft_overlong_examples_are_truncated_and_counted(tok_path, tmp_path):
   assert (len(out["train"]), len(out["validation"])) == (3, 1)
 
 
-# ----------------------------------------------------------------------------- bad input
+# --- bad input -----------------------------------------------------------------------------------
 
 
 def test_malformed_json_names_file_and_line(tok_path, tmp_path):
@@ -345,7 +345,7 @@ def test_failed_build_keeps_the_previous_build(corpus, tok_path, tmp_path):
   assert pretrain(corpus, tok_path, data_dir, block_size=64)["stats"]["reused"]
 
 
-# ----------------------------------------------------------------------------- loader
+# --- loader --------------------------------------------------------------------------------------
 
 
 def toy_source(n: int, length: int = 4) -> list[dict]:
