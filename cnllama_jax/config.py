@@ -16,7 +16,56 @@ LLAMA_VOCAB = 32000
 CHINESE_LLAMA_VOCAB = 49953
 CHINESE_ALPACA_VOCAB = 49954
 
+CHINESE_LLAMA2_VOCAB = 55296  # Chinese-LLaMA-2 / Chinese-Alpaca-2
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Attention implementations (cnllama_jax.attention); "auto" picks by the target mesh's platform.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary-embedding scaling, as `transformers`' `rope_parameters` (formulas in rope.py).
+
+  rope_type: default (none) | linear (position interpolation: frequencies / factor) | dynamic (NTK:
+  the base grows with the batch's longest position beyond max_position_embeddings) | yarn (per-band
+  blend of interpolated and original frequencies, cos/sin scaled by attention_factor) | llama3
+  (low frequencies / factor, high kept, a smooth band between).
+  """
+  rope_type: str = "default"
+  factor: float = 1.0
+  original_max_position_embeddings: int | None = None  # yarn, llama3; None: max_position_embeddings
+  low_freq_factor: float = 1.0  # llama3
+  high_freq_factor: float = 4.0  # llama3
+  beta_fast: float = 32.0  # yarn
+  beta_slow: float = 1.0  # yarn
+  attention_factor: float | None = None  # yarn; None: from factor (and mscale, mscale_all_dim)
+  mscale: float | None = None  # yarn
+  mscale_all_dim: float | None = None  # yarn
+  truncate: bool = True  # yarn: round the correction range to whole dimensions
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"model.rope_scaling.rope_type={self.rope_type!r}; expected one of "
+                       f"{ROPE_TYPES}")
+    if self.rope_type != "default" and not self.factor > 0:
+      raise ValueError(f"model.rope_scaling.factor={self.factor}; expected a positive number")
+
+  @classmethod
+  def from_fields(cls, fields) -> "RopeScaling":
+    """From a dict / ConfigDict of this class's fields (None or a RopeScaling pass through)."""
+    if fields is None:
+      return cls()
+    if isinstance(fields, cls):
+      return fields
+    fields = dict(fields.items())
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"unknown model.rope_scaling keys {unknown}; expected a subset of "
+                       f"{sorted(known)}")
+    return cls(**fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +91,9 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of (frozen) params
   remat_policy: str = "none"  # one of REMAT_POLICIES
+  attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS (cnllama_jax.attention)
+  rope_scaling: RopeScaling = RopeScaling()
+  lm_head_chunk: int = 0  # training: positions per chunk of LM head + loss under remat (0: one)
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int | None = None
@@ -57,6 +109,13 @@ class LlamaConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")
+    object.__setattr__(self, "rope_scaling", RopeScaling.from_fields(self.rope_scaling))
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"model.attention={self.attention!r}; expected one of "
+                       f"{ATTENTION_IMPLEMENTATIONS}")
+    if self.lm_head_chunk < 0:
+      raise ValueError(f"model.lm_head_chunk={self.lm_head_chunk}; expected 0 (no chunking) or "
+                       "a positive number of positions")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     if self.vocab_size < 1 or self.vocab_multiple < 1:
@@ -95,10 +154,16 @@ def num_params(cfg: LlamaConfig, padded: bool = False) -> int:
   return vocab * d + cfg.num_hidden_layers * per_layer + d + head
 
 
-def _preset(hidden, heads, layers, ffn, eps=1e-6, kv=None, max_pos=2048) -> dict[str, Any]:
+def _preset(hidden, heads, layers, ffn, eps=1e-6, kv=None, max_pos=2048, **extra) -> dict[str, Any]:
   return dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
               intermediate_size=ffn, rms_norm_eps=eps, num_key_value_heads=kv,
-              max_position_embeddings=max_pos)
+              max_position_embeddings=max_pos, **extra)
+
+
+# Chinese-LLaMA-2 (Cui et al.'s successor): LLaMA-2 shapes, 55,296 tokens, 4K context; the 16K
+# models extend it by linear position interpolation (factor 4 over the 4K positions).
+_CN2 = dict(eps=1e-5, max_pos=4096, vocab_size=CHINESE_LLAMA2_VOCAB)
+_LINEAR_16K = RopeScaling("linear", factor=4.0)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -111,6 +176,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": _preset(4096, 32, 32, 11008, eps=1e-5, max_pos=4096),
     "llama2-13b": _preset(5120, 40, 40, 13824, eps=1e-5, max_pos=4096),
     "llama2-70b": _preset(8192, 64, 80, 28672, eps=1e-5, kv=8, max_pos=4096),
+    "chinese-llama2-7b": _preset(4096, 32, 32, 11008, **_CN2),
+    "chinese-llama2-13b": _preset(5120, 40, 40, 13824, **_CN2),
+    "chinese-llama2-7b-16k": _preset(4096, 32, 32, 11008, **_CN2, rope_scaling=_LINEAR_16K),
+    "chinese-llama2-13b-16k": _preset(5120, 40, 40, 13824, **_CN2, rope_scaling=_LINEAR_16K),
     # Test shapes: a few layers, small widths; `tiny-gqa` exercises grouped-query attention.
     "tiny": _preset(64, 4, 2, 176, max_pos=512),
     "tiny-gqa": _preset(64, 4, 2, 176, kv=2, max_pos=512),
@@ -118,11 +187,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, vocab_size: int = LLAMA_VOCAB, **overrides) -> LlamaConfig:
-  """A named shape (`7b`, `13b`, `33b`, `65b`, `llama2-7b`, ..., `tiny`) with a vocabulary size."""
+def preset(name: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
+  """A named shape (`7b`, `13b`, `33b`, `65b`, `llama2-7b`, ..., `tiny`) with a vocabulary size
+  (None: the preset's own, else LLaMA's 32,000)."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
-  return LlamaConfig(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
+  fields = {"vocab_size": LLAMA_VOCAB, **PRESETS[name], **overrides}
+  if vocab_size is not None:
+    fields["vocab_size"] = vocab_size
+  return LlamaConfig(**fields)
 
 
 # --- Hugging Face config.json -----------------------------------------------------------------
@@ -146,13 +219,10 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json", **overrides) -
   for flag in ("attention_bias", "mlp_bias"):
     if hf.get(flag):
       raise ValueError(f"{source}: {flag}=true is not supported (LLaMA has no biases)")
-  rope_scaling = hf.get("rope_scaling")
-  rope_params = hf.get("rope_parameters") or {}
-  if rope_scaling or rope_params.get("rope_type", "default") != "default":
-    raise ValueError(f"{source}: rope scaling {rope_scaling or rope_params} is not supported; "
-                     "expected plain rotary embeddings")
+  rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 4 / 5
   fields = {k: hf[k] for k in _HF_FIELDS if hf.get(k) is not None}
-  theta = hf.get("rope_theta", rope_params.get("rope_theta"))
+  fields["rope_scaling"] = rope_scaling_from_hf(rope, source)
+  theta = hf.get("rope_theta", rope.get("rope_theta"))
   if theta is not None:
     fields["rope_theta"] = float(theta)
   for key in ("bos_token_id", "eos_token_id"):
@@ -162,7 +232,9 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json", **overrides) -
 
 
 def to_hf_dict(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-  """The HF `config.json` for `cfg` (real vocabulary size, no padding)."""
+  """The HF `config.json` for `cfg` (real vocabulary size, no padding); RoPE scaling both as
+  transformers 4 (`rope_scaling`) and 5 (`rope_parameters`) read it."""
+  rope = rope_scaling_to_hf(cfg.rope_scaling, cfg.max_position_embeddings)
   return {
       "architectures": list(_HF_ARCHITECTURES),
       "model_type": "llama",
@@ -171,11 +243,59 @@ def to_hf_dict(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]
       "mlp_bias": False,
       "initializer_range": 0.02,
       "rope_theta": cfg.rope_theta,
-      "rope_scaling": None,
+      "rope_scaling": rope or None,  # transformers 4
+      "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default", **rope},  # 5
       "torch_dtype": torch_dtype,
       "use_cache": True,
       **{k: getattr(cfg, k) for k in _HF_FIELDS},
   }
+
+
+# Keys of HF rope dicts per type (transformers' names = RopeScaling's fields).
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+             "attention_factor", "mscale", "mscale_all_dim", "truncate"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+}
+_ROPE_IGNORED = ("type", "rope_type", "rope_theta", "finetuned")
+
+
+def rope_scaling_from_hf(rope: dict[str, Any], source: str = "config.json") -> RopeScaling:
+  """RopeScaling from HF `rope_scaling` (`type` or `rope_type`) or `rope_parameters`."""
+  kind = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+  if kind not in _ROPE_KEYS:
+    raise ValueError(f"{source}: rope type {kind!r} is not supported; expected one of "
+                     f"{sorted(_ROPE_KEYS)}")
+  if rope.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"{source}: partial_rotary_factor={rope['partial_rotary_factor']} is not "
+                     "supported; expected rotary embeddings on the whole head (1.0)")
+  unknown = sorted(set(rope) - set(_ROPE_KEYS[kind]) - set(_ROPE_IGNORED) -
+                   {"partial_rotary_factor"})
+  if unknown:
+    raise ValueError(f"{source}: rope keys {unknown} are not used by rope type {kind!r}; "
+                     f"expected a subset of {list(_ROPE_KEYS[kind])}")
+  fields = {k: rope[k] for k in _ROPE_KEYS[kind] if rope.get(k) is not None}
+  if "factor" in _ROPE_KEYS[kind] and "factor" not in fields:
+    raise ValueError(f"{source}: rope type {kind!r} needs a 'factor'")
+  return RopeScaling(rope_type=kind, **fields)
+
+
+def rope_scaling_to_hf(scaling: RopeScaling, max_position_embeddings: int) -> dict[str, Any]:
+  """The HF rope dict ({} for plain rotary embeddings), without rope_theta."""
+  if scaling.rope_type == "default":
+    return {}
+  out = {"rope_type": scaling.rope_type, "type": scaling.rope_type}
+  for key in _ROPE_KEYS[scaling.rope_type]:
+    value = getattr(scaling, key)
+    if key == "original_max_position_embeddings" and value is None:
+      value = max_position_embeddings
+    if value is not None and not (key == "truncate" and value):
+      out[key] = value
+  return out
 
 
 def load_hf_config(path: str, **overrides) -> LlamaConfig:

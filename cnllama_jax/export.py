@@ -194,9 +194,8 @@ def hf_plan(cfg: LlamaConfig, params) -> list[tuple[str, hf.Leaf, int | None, tu
 
 def hf_config_dict(cfg: LlamaConfig, dtype: str) -> dict[str, Any]:
   """config.json readable by transformers 5 (`dtype`, `rope_parameters`) and 4 (`torch_dtype`,
-  `rope_theta`), with the real (unpadded) vocabulary size."""
-  return {**to_hf_dict(cfg, dtype), "dtype": dtype,
-          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
+  `rope_theta`, `rope_scaling`), with the real (unpadded) vocabulary size."""
+  return {**to_hf_dict(cfg, dtype), "dtype": dtype}
 
 
 def generation_config_dict(cfg: LlamaConfig) -> dict[str, Any]:

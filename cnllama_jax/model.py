@@ -37,12 +37,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnllama_jax import attention as attention_lib
+from cnllama_jax import rope
 from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
 from cnllama_jax.lora import LoraConfig, kaiming_uniform_a
 
 Array = jax.Array
-_NEG_INF = -1e30  # finite, so fully-masked (padding) rows give a uniform softmax, never NaN
+_NEG_INF = -1e30  # logit of padded vocabulary rows: finite, never NaN, never sampled
 
 _REMAT = {
     "full": None,
@@ -104,12 +106,23 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rotary_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-  """cos, sin: [batch, length, head_dim] in fp32, HF layout (frequencies repeated, not interleaved)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [batch, length, head_dim/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, length, head_dim]
-  return jnp.cos(emb), jnp.sin(emb)
+def segment_positions(segment_ids: Array) -> Array:
+  """Positions [batch, length] int32 that restart at 0 with each packed example.
+
+  segment_ids: [batch, length] int (0 = padding, 1, 2, ... = example). A token's position is the
+  number of earlier tokens of its segment since that segment began (padding inside a segment does
+  not count); padding gets 0. A one-segment row (1s and 0s, left padding included) thus gets
+  cumsum(mask) - 1 on its tokens, as `transformers`' generate() derives positions.
+  """
+  real = segment_ids > 0
+  count = jnp.cumsum(real, axis=-1)  # [batch, length]: real tokens so far
+  index = jnp.arange(segment_ids.shape[1])
+  last_real = jax.lax.cummax(jnp.where(real, index, -1), axis=1)  # [batch, length]
+  before = jnp.concatenate([jnp.full_like(last_real[:, :1], -1), last_real[:, :-1]], axis=1)
+  previous = jnp.where(before >= 0, jnp.take_along_axis(segment_ids, jnp.maximum(before, 0), 1), 0)
+  starts = real & (segment_ids != previous)  # first token of each segment
+  base = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)  # real tokens before the segment
+  return jnp.where(real, count - 1 - base, 0).astype(jnp.int32)
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
@@ -133,9 +146,11 @@ class Attention(_Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, bias: Array, kv=None, layer=None,
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, kv=None, layer=None,
                index=None):
-    """kv: None, or the cache (k, v) [layers, batch, max_len, kv_heads, head_dim]: this layer's
+    """mask: without a cache, segment ids [batch, length] (cnllama_jax.attention); with one, the
+    boolean [batch, length, max_len] of the slots each token may attend to.
+    kv: None, or the cache (k, v) [layers, batch, max_len, kv_heads, head_dim]: this layer's
     slice gets the new k/v at slots `index` [batch] and is attended over.
     Returns (output, updated kv or None)."""
     cfg = self.cfg
@@ -156,14 +171,10 @@ class Attention(_Module):
     if kv is not None:
       kv = (_write_rows(kv[0], k, index, layer), _write_rows(kv[1], v, index, layer))
       k, v = kv[0][layer], kv[1][layer]  # the whole buffer: [batch, max_len, kv_heads, head_dim]
-
-    groups = heads // kv_heads
-    q = q.reshape(batch, length, kv_heads, groups, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                        preferred_element_type=jnp.float32)  # [batch, kv, groups, t, s]
-    scores = scores / jnp.sqrt(jnp.float32(head_dim)) + bias[:, None, None, :, :]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [batch, length, kv, groups, head_dim]
+      out = attention_lib.xla_attention(q, k, v, mask)  # [batch, length, heads, head_dim]
+    else:
+      out = attention_lib.attention(q, k, v, mask, cfg.attention, self.mesh,
+                                    self.rules or shd.DEFAULT_RULES)
     out = out.reshape(batch, length, heads * head_dim)
     return dense("o_proj", cfg.hidden_size, ("q_heads", "embed"))(out), kv
 
@@ -187,14 +198,14 @@ class DecoderLayer(_Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, carry, cos: Array, sin: Array, bias: Array, layer=None, index=None):
+  def __call__(self, carry, cos: Array, sin: Array, mask: Array, layer=None, index=None):
     """carry: (x [batch, length, hidden], kv cache or None); layer: this layer's number."""
     x, kv = carry
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)  # noqa
     sub = dict(cfg=cfg, lora=self.lora, mesh=self.mesh, rules=self.rules,
                deterministic=self.deterministic)
-    h, kv = Attention(**sub, name="self_attn")(norm("input_layernorm")(x), cos, sin, bias, kv,
+    h, kv = Attention(**sub, name="self_attn")(norm("input_layernorm")(x), cos, sin, mask, kv,
                                                layer, index)
     x = x + h
     x = x + MLP(**sub, name="mlp")(norm("post_attention_layernorm")(x))
@@ -206,34 +217,38 @@ class Llama(_Module):
   with `cache=` (see `init_cache`) -> (logits, updated cache). `last_only`: logits of the last
   position only, [batch, 1, padded_vocab] (the next token of every row of a left-padded batch).
 
+  `attention_mask` holds segment ids: 0 = padding, 1, 2, ... = the packed example a token belongs
+  to (1s and 0s: one example per row). Tokens attend within their segment, causally; positions
+  restart at 0 with each segment (`segment_positions`), so a left-padded row gets the positions of
+  the unpadded one, as `transformers`' generate() derives them. With a cache the mask is 1/0.
+
   Logits of padded vocabulary rows are set to a large negative number, so they never enter the
-  softmax and are never sampled. Positions come from the attention mask (cumsum - 1), as
-  `transformers`' generate() derives them, so left padding does not shift a row's positions.
+  softmax and are never sampled. `return_hidden`: (final-norm hidden [batch, length, hidden],
+  LM head [hidden, padded_vocab]) instead of logits, for a chunked head + loss.
   """
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None, cache=None,
-               last_only: bool = False):
+               last_only: bool = False, return_hidden: bool = False):
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     attention_mask = attention_mask.astype(jnp.int32)
     length = input_ids.shape[1]
-    seen = 0 if cache is None else jnp.sum(cache["mask"], axis=-1, keepdims=True)  # [batch, 1]
-    positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=-1) - 1, 0)  # [batch, length]
     if cache is None:
-      index, kv, layers, keys_mask = None, None, None, attention_mask
-      causal = jnp.tril(jnp.ones((length, length), dtype=bool))[None]  # [1, t, s]
+      index, kv, layers, mask = None, None, None, attention_mask
+      positions = segment_positions(attention_mask)  # [batch, length]
     else:
+      seen = jnp.sum(cache["mask"], axis=-1, keepdims=True)  # [batch, 1]
+      positions = jnp.maximum(seen + jnp.cumsum(attention_mask, axis=-1) - 1, 0)  # [batch, t]
       index, kv = cache["index"], (cache["k"], cache["v"])
       layers = jnp.arange(cfg.num_hidden_layers)
       keys_mask = _write_rows(cache["mask"], attention_mask, index)  # [batch, max_len]
       slot = index[:, None] + jnp.arange(length)  # [batch, t]: the slot each new token fills
       causal = jnp.arange(keys_mask.shape[1])[None, None, :] <= slot[:, :, None]  # [batch, t, s]
-    allowed = causal & (keys_mask[:, None, :] > 0)  # [batch, t, s]
-    bias = jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
-    cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_theta)
+      mask = causal & (keys_mask[:, None, :] > 0)  # [batch, t, s]
+    cos, sin = rope.rotary_tables(positions, cfg)
 
     embed = self.param("embed_tokens", nn.with_logical_partitioning(
         _vocab_init(cfg.vocab_size, 0), ("vocab", "embed")), (cfg.padded_vocab_size, cfg.hidden_size),
@@ -250,7 +265,7 @@ class Llama(_Module):
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                     length=cfg.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     (x, kv), _ = stack(cfg, self.lora, self.mesh, self.rules, deterministic=self.deterministic,
-                       name="layers")((x, kv), cos, sin, bias, layers, index)
+                       name="layers")((x, kv), cos, sin, mask, layers, index)
     if last_only:
       x = x[:, -1:]  # [batch, 1, hidden]
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
@@ -261,6 +276,8 @@ class Llama(_Module):
       head = self.param("lm_head", nn.with_logical_partitioning(
           _vocab_init(cfg.vocab_size, 1), ("embed", "vocab")), (cfg.hidden_size, cfg.padded_vocab_size),
                         jnp.dtype(cfg.param_dtype))
+    if return_hidden:
+      return x, head
     logits = jnp.dot(x, head.astype(cfg.dtype), preferred_element_type=jnp.float32)
     logits = self.constrain(logits, shd.ACT_VOCAB)  # [batch, length, padded_vocab]
     logits = mask_padded_vocab(logits, cfg.vocab_size)
