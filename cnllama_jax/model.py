@@ -321,12 +321,14 @@ def abstract_params(cfg: LlamaConfig, lora: LoraConfig = LoraConfig()) -> Any:
   Returns a tree of `nn.LogicallyPartitioned` boxes around `jax.ShapeDtypeStruct`s.
   """
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  cfg = cfg.replace(attention="xla")  # shapes do not depend on it; kernels may not take length 1
   return jax.eval_shape(Llama(cfg, lora).init, jax.random.key(0), ids)["params"]
 
 
 def init_params(cfg: LlamaConfig, rng: Array, lora: LoraConfig = LoraConfig()) -> Any:
   """Random params (plain arrays, boxes removed), as `transformers` initialises (normal 0.02)."""
   ids = jnp.zeros((1, 1), jnp.int32)
+  cfg = cfg.replace(attention="xla")  # shapes do not depend on it; kernels may not take length 1
   return nn.meta.unbox(Llama(cfg, lora).init(rng, ids)["params"])
 
 

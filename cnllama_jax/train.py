@@ -11,6 +11,7 @@ A batch is a dict of int32 [batch, length] arrays: `input_ids`, `attention_mask`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnllama_jax import sharding as shd
 from cnllama_jax.data.encode import IGNORE_INDEX as IGNORE
 from cnllama_jax.lora import combine, split
-from cnllama_jax.model import Llama
+from cnllama_jax.model import Llama, mask_padded_vocab
 
 
 @flax.struct.dataclass
@@ -134,6 +135,51 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh | None = None
   return _finish(global_max, sum_exp, label_logit, global_max, labels)
 
 
+def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, vocab_size: int,
+                          chunk: int, mesh: Mesh | None = None,
+                          rules=shd.DEFAULT_RULES) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`cross_entropy` of the LM head's logits, computed `chunk` positions at a time under remat.
+
+  hidden: [batch, length, hidden] (after the final norm); head: [hidden, padded_vocab]; labels:
+  [batch, length]. Each chunk's [batch, chunk, padded_vocab] fp32 logits exist only inside its
+  step of a scan and are recomputed in the backward pass, so no [tokens, vocab] array is held.
+  The vocabulary-parallel reduction of `cross_entropy` applies per chunk.
+  """
+  batch, length, width = hidden.shape
+  if length % chunk:
+    raise ValueError(f"model.lm_head_chunk={chunk} does not divide the sequence length {length}")
+  n = length // chunk
+  xs = hidden.reshape(batch, n, chunk, width).swapaxes(0, 1)  # [n, batch, chunk, hidden]
+  ys = labels.reshape(batch, n, chunk).swapaxes(0, 1)  # [n, batch, chunk]
+
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def one(x, y):
+    logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = shd.constrain(logits, shd.ACT_VOCAB, mesh, rules)  # [batch, chunk, padded_vocab]
+    return cross_entropy(mask_padded_vocab(logits, vocab_size), y, mesh, rules)
+
+  def step(total, inputs):
+    return jax.tree_util.tree_map(jnp.add, total, one(*inputs)), None
+
+  init = (jnp.float32(0), jnp.int32(0), jnp.int32(0))
+  return jax.lax.scan(step, init, (xs, ys))[0]
+
+
+def model_loss(model: Llama, params: Any, batch: dict, labels: jax.Array,
+               rngs: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(loss sum, correct, token count) of `model` on a batch against shifted `labels`; the LM head
+  and loss run in chunks of `model.cfg.lm_head_chunk` positions when set."""
+  chunk = model.cfg.lm_head_chunk
+  if not chunk or chunk >= labels.shape[1]:
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         rngs=rngs)
+    return cross_entropy(logits, labels, model.mesh, model.rules)
+  hidden, head = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                             rngs=rngs, return_hidden=True)
+  return chunked_cross_entropy(hidden, head, labels, model.cfg.vocab_size, chunk, model.mesh,
+                               model.rules)
+
+
 # --- the step ------------------------------------------------------------------------------------
 
 def _row_mask_updates(updates: Any, row_range: tuple[int, int] | None) -> Any:
@@ -168,11 +214,9 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
 
   def loss_fn(trainable, frozen, batch, rng, total_tokens):
     params = combine(frozen, trainable)
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         rngs={"dropout": rng})
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1],
                                                                    IGNORE)], axis=1)
-    loss_sum, correct, count = cross_entropy(logits, labels, mesh, rules)
+    loss_sum, correct, count = model_loss(model, params, batch, labels, {"dropout": rng})
     return loss_sum / total_tokens, (loss_sum, correct, count)
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -219,10 +263,9 @@ def make_eval_step(model: Llama) -> Callable:
 
   def eval_step(state: TrainState, batch: dict) -> dict:
     params = combine(state.frozen, state.trainable)
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1],
                                                                    IGNORE)], axis=1)
-    loss_sum, correct, count = cross_entropy(logits, labels, model.mesh, model.rules)
+    loss_sum, correct, count = model_loss(model, params, batch, labels)
     return {"loss_sum": loss_sum, "correct": correct, "tokens": count}
   return eval_step
 
