@@ -1,6 +1,6 @@
 """Stage-2 train step on the CPU: cnllama_jax vs PyTorch + PEFT on identical shapes.
 
-    /work/venv/bin/python bench/train_step.py [--rounds 5] [--steps 2] [--dropout 0.05]
+    nice /work/venv/bin/python bench/train_step.py [--rounds 5] [--steps 2] [--dropout 0,0.05]
     /work/venv/bin/python bench/train_step.py --profile      # where our step's time goes
 
 The step is the paper's stage 2 (Cui et al. 2023, Sec. 3.1): LoRA r 8 / alpha 32 on q,k,v,o,gate,
@@ -26,7 +26,10 @@ measured peak. Under contention the wall clock measures the share of the cores a
 same ratio is also given per CPU-second (model FLOPs per CPU-second of the step / matmul FLOPs per
 CPU-second of the peak matmul), which the other jobs on the machine disturb far less.
 
-  --dropout 0      both sides without LoRA dropout (PEFT's dropout is expensive on the CPU)
+  --dropout 0,0.05 one comparison per LoRA dropout (PEFT's dropout is expensive on the CPU)
+  --attention xla  our model.attention (default auto: the blockwise kernel on the CPU)
+First, one layer's attention fwd + bwd at these shapes: ours (auto, xla) vs torch's fused causal
+scaled_dot_product_attention, best CPU-ms.
   --vocab 512      both models with a 512-row vocabulary: the transformer body alone
   --prng rbg       bench-only: another JAX PRNG for our dropout masks
   --profile        our step in pieces (forward, loss, gradient, LM head + loss, its GEMMs) and a
@@ -49,6 +52,7 @@ import numpy as np  # noqa: E402
 SHAPE = dict(vocab_size=49954, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
              num_attention_heads=8)
 BATCH, SEQ = 4, 512
+ATTENTION = ["auto"]  # our model.attention; --attention sets it
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,6 +60,7 @@ def stage2_config(dropout: float):
   from cnllama_jax import run_config
   c = run_config.pretrain_stage2()
   c.model = run_config.model_fields("mid", SHAPE["vocab_size"])  # "mid" = SHAPE's widths
+  c.model.attention = ATTENTION[0]
   c.lora.dropout = dropout
   c.data.kind = "synthetic"
   c.train.update(global_batch_size=BATCH, seq_len=SEQ, micro_batches=1, steps=1000)
@@ -313,29 +318,46 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
   trace_ops(ours.step, max(rounds, 3), hlo, top)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; best counts")
-  parser.add_argument("--steps", type=int, default=2, help="steps per round and side")
-  parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (both sides)")
-  parser.add_argument("--profile", action="store_true", help="time the pieces of our step")
-  parser.add_argument("--top", type=int, default=25, help="--profile: instructions listed")
-  parser.add_argument("--trace_only", action="store_true", help="--profile: only the per-op trace")
-  parser.add_argument("--no_torch", action="store_true", help="ours only")
-  parser.add_argument("--vocab", type=int, default=SHAPE["vocab_size"],
-                      help="vocabulary of both models (e.g. 512: the transformer body alone)")
-  parser.add_argument("--prng", default="", help="bench-only: jax_default_prng_impl for ours "
-                      "(threefry2x32 default, rbg, unsafe_rbg): the dropout masks' generator")
-  args = parser.parse_args()
-
-  SHAPE["vocab_size"] = args.vocab
+def attention_per_layer(rounds: int) -> None:
+  """One layer's attention fwd + bwd at the step's shapes ([4, 512, 8 heads, 64]), fp32, best
+  CPU-ms of `rounds`: ours (`auto` on this CPU mesh, and `xla`) against torch's fused causal
+  `scaled_dot_product_attention`."""
   import jax
-  if args.prng:
-    jax.config.update("jax_default_prng_impl", args.prng)
+  import jax.numpy as jnp
+  import torch
+  from cnllama_jax import attention
+  heads = SHAPE["num_attention_heads"]
+  head_dim = SHAPE["hidden_size"] // heads
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(BATCH, SEQ, heads, head_dim)), jnp.float32)
+             for _ in range(3))
+  segments = jnp.ones((BATCH, SEQ), jnp.int32)
+  results = {}
+  for name in ("auto", "xla"):
+    chosen = attention.choose(name, None, SEQ, jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v, name=name: jnp.sum(attention.attention(
+        q, k, v, segments, name) ** 2), argnums=(0, 1, 2)))
+    jax.block_until_ready(grad(q, k, v))
+    results[f"ours {name} ({chosen})"] = min(
+        timed(lambda: jax.block_until_ready(grad(q, k, v)))[1] for _ in range(rounds))
+  qt, kt, vt = (torch.randn(BATCH, heads, SEQ, head_dim, requires_grad=True) for _ in range(3))
+
+  def torch_step():
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    (out ** 2).sum().backward()
+  torch_step()
+  results["torch SDPA (causal)"] = min(timed(torch_step)[1] for _ in range(rounds))
+  base = results["torch SDPA (causal)"]
+  print("attention fwd+bwd per layer, best CPU-ms: " + ", ".join(
+      f"{k} {v * 1e3:.0f} ({base / v:.2f}x torch)" for k, v in results.items()))
+
+
+def compare(dropout: float, args) -> None:
+  """Our step against PyTorch + PEFT at one LoRA dropout, interleaved rounds; prints figures."""
+  import jax
   import torch
   from cnllama_jax import flops, lora as lora_lib
-  torch.set_num_threads(os.cpu_count())
-  ours = Ours(args.dropout)
+  ours = Ours(dropout)
   cfg, lora = ours.run.cfg, ours.run.lora
   stage = lora_lib.STAGES["lora+embeddings"]
   ours_fpt = flops.train_flops_per_token(cfg, SEQ, lora, stage)
@@ -344,13 +366,13 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.1f}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"prng {jax.config.jax_default_prng_impl}")
-  print(f"stage 2, batch {BATCH} x {SEQ}, fp32, LoRA dropout {args.dropout}; model FLOPs/token "
-        f"ours {ours_fpt / 1e6:.1f} M (vocab padded to {cfg.padded_vocab_size}), "
-        f"PyTorch+PEFT {theirs_fpt / 1e6:.1f} M")
+  print(f"stage 2, batch {BATCH} x {SEQ}, fp32, LoRA dropout {dropout}, attention "
+        f"{cfg.attention}; model FLOPs/token ours {ours_fpt / 1e6:.1f} M (vocab padded to "
+        f"{cfg.padded_vocab_size}), PyTorch+PEFT {theirs_fpt / 1e6:.1f} M")
   if args.profile:
     profile(ours, args.rounds, args.top, args.trace_only)
     return
-  theirs = None if args.no_torch else Theirs(args.dropout)
+  theirs = None if args.no_torch else Theirs(dropout)
   if theirs:
     print(f"PEFT: {theirs.trainable()} trainable params, attention {theirs.attn}")
 
@@ -396,6 +418,37 @@ def main() -> None:
     print(f"ratio ours / PyTorch+PEFT, median of the rounds' paired ratios: "
           f"{np.median([p[0] for p in pairs]):.2f}x wall, {np.median([p[1] for p in pairs]):.2f}x "
           f"per CPU-second (per round: {', '.join(f'{w:.2f}/{c:.2f}' for w, c in pairs)})")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; best counts")
+  parser.add_argument("--steps", type=int, default=2, help="steps per round and side")
+  parser.add_argument("--dropout", default="0,0.05",
+                      help="LoRA dropouts (both sides), comma-separated; each is one comparison")
+  parser.add_argument("--attention", default="auto",
+                      help="our model.attention (auto | xla | blockwise)")
+  parser.add_argument("--profile", action="store_true", help="time the pieces of our step")
+  parser.add_argument("--top", type=int, default=25, help="--profile: instructions listed")
+  parser.add_argument("--trace_only", action="store_true", help="--profile: only the per-op trace")
+  parser.add_argument("--no_torch", action="store_true", help="ours only")
+  parser.add_argument("--vocab", type=int, default=SHAPE["vocab_size"],
+                      help="vocabulary of both models (e.g. 512: the transformer body alone)")
+  parser.add_argument("--prng", default="", help="bench-only: jax_default_prng_impl for ours "
+                      "(threefry2x32 default, rbg, unsafe_rbg): the dropout masks' generator")
+  args = parser.parse_args()
+
+  SHAPE["vocab_size"] = args.vocab
+  ATTENTION[0] = args.attention
+  import jax
+  if args.prng:
+    jax.config.update("jax_default_prng_impl", args.prng)
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  if not args.profile and not args.no_torch:
+    attention_per_layer(args.rounds)
+  for dropout in (float(d) for d in args.dropout.split(",")):
+    compare(dropout, args)
 
 
 if __name__ == "__main__":

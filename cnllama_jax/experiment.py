@@ -67,7 +67,11 @@ def base_model_config(config, vocab_multiple: int) -> LlamaConfig:
   """The base model's shape: from the HF directory's config.json, else from config.model."""
   from cnllama_jax.config import load_hf_config  # pylint: disable=import-outside-toplevel
   overrides = dict(dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                   remat_policy=config.model.remat_policy, vocab_multiple=vocab_multiple)
+                   remat_policy=config.model.remat_policy, vocab_multiple=vocab_multiple,
+                   **{k: config.model[k] for k in ("attention", "lm_head_chunk") if k in config.model})
+  rope = config.model.get("rope_scaling")
+  if rope is not None and rope["rope_type"] != "default":  # context extension of an HF base
+    overrides["rope_scaling"] = rope
   if config.base_model:
     return load_hf_config(config.base_model, **overrides)
   return LlamaConfig.from_dict({**config.model.to_dict(), **overrides})
