@@ -5,7 +5,8 @@
 * ``merge``: the paper's protobuf-level merge.  Every piece of the Chinese
   model whose string LLaMA lacks is appended, in the Chinese model's order, as
   a NORMAL piece with score 0 (32,000 + 17,953 = 49,953 pieces); optionally a
-  pad piece last (Chinese-Alpaca: ``[PAD]`` = 49,953).  LLaMA's trainer and
+  pad piece last (Chinese-Alpaca: ``[PAD]`` = 49,953, NORMAL, score 0, so the
+  49,954-piece file is byte-identical to the published one).  LLaMA's trainer and
   normalizer specs are kept, so the result is a LLaMA-style BPE model.
   ``new_piece_scores="ordered"`` gives the appended pieces distinct scores
   above every base score, decreasing in appended order: no BPE ties, so
@@ -38,6 +39,7 @@ _Piece = sp_pb2.ModelProto.SentencePiece
 NORMAL, UNKNOWN, CONTROL = _Piece.NORMAL, _Piece.UNKNOWN, _Piece.CONTROL
 USER_DEFINED, BYTE = _Piece.USER_DEFINED, _Piece.BYTE
 SCORE_MODES = ("zero", "ordered")
+PAD_TYPES = {"normal": NORMAL, "user_defined": USER_DEFINED}
 HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PathLike = str | os.PathLike
 
@@ -184,18 +186,22 @@ def load_model_proto(path: PathLike) -> sp_pb2.ModelProto:
 
 
 def merge_protos(base: sp_pb2.ModelProto, added: sp_pb2.ModelProto, pad_piece: str | None = None,
-                 new_piece_scores: str = "zero") -> sp_pb2.ModelProto:
+                 new_piece_scores: str = "zero", pad_type: str = "normal") -> sp_pb2.ModelProto:
   """Returns a copy of ``base`` extended with the pieces of ``added`` it lacks.
 
   As in the paper, every piece of ``added`` (whatever its type) whose string
   is not in ``base`` is appended in ``added``'s order with the default NORMAL
   type and score 0 (``"zero"``) or, for ``"ordered"``, ``max_base_score + n - i``
-  for the i-th of n appended pieces.  ``pad_piece`` is appended last as a
-  USER_DEFINED piece (score 0): sentencepiece then maps the literal string to
-  its id, as Hugging Face does for its pad special token.
+  for the i-th of n appended pieces.  ``pad_piece`` is appended last with score
+  0 and type ``pad_type``: ``"normal"`` as the published Chinese-Alpaca
+  tokenizer.model (sentencepiece spells the literal string "[PAD]" out in
+  ordinary pieces), or ``"user_defined"`` (sentencepiece maps the literal
+  string to its id, as Hugging Face does for its pad special token).
   """
   if new_piece_scores not in SCORE_MODES:
     raise ValueError(f"new_piece_scores must be one of {SCORE_MODES}, got {new_piece_scores!r}")
+  if pad_type not in PAD_TYPES:
+    raise ValueError(f"pad_type must be one of {sorted(PAD_TYPES)}, got {pad_type!r}")
   merged = sp_pb2.ModelProto()
   merged.CopyFrom(base)
   seen = {p.piece for p in base.pieces}
@@ -210,11 +216,14 @@ def merge_protos(base: sp_pb2.ModelProto, added: sp_pb2.ModelProto, pad_piece: s
   if pad_piece is not None:
     if pad_piece in seen:
       raise ValueError(f"pad piece {pad_piece!r} is already in the vocabulary")
-    merged.pieces.add(piece=pad_piece, score=0.0, type=USER_DEFINED)
+    if PAD_TYPES[pad_type] == NORMAL:
+      merged.pieces.add(piece=pad_piece, score=0.0)  # type and score left at their defaults
+    else:
+      merged.pieces.add(piece=pad_piece, score=0.0, type=USER_DEFINED)
   return merged
 
 
-def bpe_merges(proto: sp_pb2.ModelProto) -> list[tuple[str, str]]:
+def bpe_merges(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> list[tuple[str, str]]:
   """Hugging Face BPE merges following sentencepiece's BPE priorities.
 
   sentencepiece repeatedly merges the adjacent pair whose concatenation is the
@@ -222,8 +231,9 @@ def bpe_merges(proto: sp_pb2.ModelProto) -> list[tuple[str, str]]:
   NORMAL piece into two NORMAL pieces becomes a merge, ranked by (score
   descending, piece id, split point); only equal scores can still disagree.
   (transformers' own conversion ranks merges by id alone, ignoring scores.)
+  A NORMAL ``pad_piece`` is a special token for Hugging Face, never a merge result.
   """
-  ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == NORMAL}
+  ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == NORMAL and p.piece != pad_piece}
   ranked = sorted((-proto.pieces[i].score, i, cut, piece[:cut], piece[cut:])
                   for piece, i in ids.items() for cut in range(1, len(piece))
                   if piece[:cut] in ids and piece[cut:] in ids)
@@ -234,7 +244,8 @@ def _added_tokens(proto: sp_pb2.ModelProto, pad_piece: str | None) -> dict[int, 
   """id -> tokenizers AddedToken fields, for control/unknown (special) and user-defined pieces."""
   return {i: {"content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": p.type != USER_DEFINED or p.piece == pad_piece}
-          for i, p in enumerate(proto.pieces) if p.type in (CONTROL, UNKNOWN, USER_DEFINED)}
+          for i, p in enumerate(proto.pieces)
+          if p.type in (CONTROL, UNKNOWN, USER_DEFINED) or p.piece == pad_piece}
 
 
 def _role_tokens(proto: sp_pb2.ModelProto, pad_piece: str | None) -> dict[str, str | None]:
@@ -266,7 +277,7 @@ def hf_tokenizer_json(proto: sp_pb2.ModelProto, pad_piece: str | None = None) ->
                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                 "byte_fallback": True, "ignore_merges": False,
                 "vocab": {p.piece: i for i, p in enumerate(proto.pieces)},
-                "merges": [list(m) for m in bpe_merges(proto)]},
+                "merges": [list(m) for m in bpe_merges(proto, pad_piece)]},
   }
 
 
@@ -291,7 +302,8 @@ class MergeResult:
 
 
 def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
-          pad_piece: str | None = None, new_piece_scores: str = "zero") -> MergeResult:
+          pad_piece: str | None = None, new_piece_scores: str = "zero",
+          pad_type: str = "normal") -> MergeResult:
   """Merges two ``.model`` files (see ``merge_protos``) into the new directory ``out_dir``.
 
   ``out_dir`` gets ``HF_FILES``; it is built in a temporary sibling and renamed
@@ -306,7 +318,7 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
   if norm.name != "identity" or norm.remove_extra_whitespaces:
     logger.warning("%s: normalizer %r is not reproduced by the Hugging Face files",
                    base_path, norm.name)
-  merged = merge_protos(base, added, pad_piece, new_piece_scores)
+  merged = merge_protos(base, added, pad_piece, new_piece_scores, pad_type)
   out = Path(out_dir)
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise FileExistsError(

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--out", required=True, help="new output directory")
   merge.add_argument("--pad_piece", default=None,
                      help='append a pad piece last, e.g. "[PAD]" (Alpaca)')
+  merge.add_argument("--pad_type", choices=sorted(tk.PAD_TYPES), default="normal",
+                     help="normal: as the published Chinese-Alpaca file; user_defined: "
+                     "sentencepiece maps the literal pad string to its id, as HF does")
   merge.add_argument("--new_piece_scores", choices=tk.SCORE_MODES, default="zero",
                      help="zero: paper; ordered: distinct decreasing scores (HF == sentencepiece)")
 
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
   elif args.command == "merge":
     result = tk.merge(args.base, args.add, args.out, pad_piece=args.pad_piece,
-                      new_piece_scores=args.new_piece_scores)
+                      new_piece_scores=args.new_piece_scores, pad_type=args.pad_type)
     pad = f", pad id {result.pad_id}" if result.pad_id is not None else ""
     print(f"wrote {result.out_dir}: {result.num_pieces} pieces "
           f"({result.num_base} base + {result.num_added} appended{pad})")
