@@ -440,3 +440,15 @@ def sub_pieces(base_path: PathLike, merged_path: PathLike, old_vocab: int) -> li
   base.normalizer_spec.add_dummy_prefix = False
   sp = spm.SentencePieceProcessor(model_proto=base.SerializeToString())
   return [sp.encode(p.piece.replace("\u2581", " ")) for p in merged.pieces[old_vocab:]]
+
+
+def config_sub_pieces(config, old_vocab: int) -> list[list[int]] | None:
+  """``sub_pieces(config.vocab.base_tokenizer, config.tokenizer, old_vocab)`` when the run config
+  asks for ``vocab.init="subword_mean"``, else None."""
+  if config.vocab.init != "subword_mean":
+    return None
+  base = config.vocab.get("base_tokenizer", "")
+  if not base:
+    raise ValueError("vocab.init='subword_mean' needs vocab.base_tokenizer: the base model's own "
+                     "tokenizer (.model, tokenizer.json or a directory)")
+  return sub_pieces(base, config.tokenizer, old_vocab)
