@@ -42,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
   train = sub.add_parser("train", help="train a SentencePiece model or a byte-level BPE")
   train.add_argument("--input", nargs="+", required=True, help="UTF-8 text files or directories")
   train.add_argument("--out", required=True,
-                     help="output .model path (unigram) or tokenizer.json path (bpe)")
+                     help="output .model path (SentencePiece) or, with --model_type bpe, a .json "
+                     "path for a byte-level BPE tokenizer.json (tokenizers)")
   train.add_argument("--vocab_size", type=int, default=20000)
   train.add_argument("--model_type", choices=["unigram", "bpe"], default="unigram",
-                     help="unigram: SentencePiece (paper); bpe: byte-level BPE (tokenizers)")
+                     help="unigram: SentencePiece (paper); bpe: SentencePiece BPE (LLaMA-style "
+                     "base), or byte-level BPE when --out ends in .json")
   train.add_argument("--min_frequency", type=int, default=2, help="bpe: least pair count to merge")
   train.add_argument("--character_coverage", type=float, default=0.9995)
   train.add_argument("--normalization", default="nmt_nfkc",
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-  if args.command == "train" and args.model_type == "bpe":
+  if args.command == "train" and args.model_type == "bpe" and args.out.endswith(".json"):
     bpe.train(args.input, args.out, vocab_size=args.vocab_size,
               min_frequency=args.min_frequency, progress=True)
     print(f"wrote {args.out}")
