@@ -119,8 +119,13 @@ def train(inputs: Iterable[tk.PathLike], out_path: tk.PathLike, vocab_size: int 
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=progress)
-  tokenizer.train_from_iterator(tk.iter_lines(files, progress, n_bytes), trainer)
+                                show_progress=False)  # reading dominates: the bar below shows it
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  from cnllama_jax.data import sources  # pylint: disable=import-outside-toplevel
+  with tqdm(total=n_bytes, unit="B", unit_scale=True, desc="reading corpus",
+            disable=not progress) as bar:
+    tokenizer.train_from_iterator(sources.iter_documents(files, on_bytes=bar.update), trainer)
   out = tk.atomic_write_bytes(out_path, tokenizer.to_str().encode("utf-8"))
   logger.info("wrote %s (%d tokens) in %.1fs", out, tokenizer.get_vocab_size(),
               time.perf_counter() - start)
