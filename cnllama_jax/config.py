@@ -15,6 +15,7 @@ from typing import Any
 LLAMA_VOCAB = 32000
 CHINESE_LLAMA_VOCAB = 49953
 CHINESE_ALPACA_VOCAB = 49954
+LLAMA3_VOCAB = 128256  # 128,000 byte-level BPE tokens + 256 special tokens
 
 CHINESE_LLAMA2_VOCAB = 55296  # Chinese-LLaMA-2 / Chinese-Alpaca-2
 
@@ -180,21 +181,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "chinese-llama2-13b": _preset(5120, 40, 40, 13824, **_CN2),
     "chinese-llama2-7b-16k": _preset(4096, 32, 32, 11008, **_CN2, rope_scaling=_LINEAR_16K),
     "chinese-llama2-13b-16k": _preset(5120, 40, 40, 13824, **_CN2, rope_scaling=_LINEAR_16K),
-    # Test shapes: a few layers, small widths; `tiny-gqa` exercises grouped-query attention.
+    # LLaMA-3 (Meta 2024): byte-level BPE vocabulary, 8 KV heads, rope theta 500,000, untied head.
+    "llama3-8b": dict(_preset(4096, 32, 32, 14336, eps=1e-5, kv=8, max_pos=8192),
+                      rope_theta=500000.0, vocab_size=LLAMA3_VOCAB, bos_token_id=128000,
+                      eos_token_id=128001),
+    "llama3-70b": dict(_preset(8192, 64, 80, 28672, eps=1e-5, kv=8, max_pos=8192),
+                       rope_theta=500000.0, vocab_size=LLAMA3_VOCAB, bos_token_id=128000,
+                       eos_token_id=128001),
+    # Test shapes: a few layers, small widths; `tiny-gqa` exercises grouped-query attention;
+    # `tiny-llama3` is LLaMA-3-shaped (GQA, theta 500,000) with a tied head as Llama-3.2-1B's.
     "tiny": _preset(64, 4, 2, 176, max_pos=512),
     "tiny-gqa": _preset(64, 4, 2, 176, kv=2, max_pos=512),
+    "tiny-llama3": dict(_preset(64, 4, 2, 176, eps=1e-5, kv=2, max_pos=512), rope_theta=500000.0,
+                        tie_word_embeddings=True),
     "mid": _preset(512, 8, 4, 1376, max_pos=1024),
 }
 
 
 def preset(name: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
-  """A named shape (`7b`, `13b`, `33b`, `65b`, `llama2-7b`, ..., `tiny`) with a vocabulary size
-  (None: the preset's own, else LLaMA's 32,000)."""
+  """A named shape (`7b`, `13b`, `33b`, `65b`, `llama2-7b`, ..., `llama3-8b`, `tiny`) with a
+  vocabulary size (default: the preset's own, else LLaMA's 32,000)."""
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
-  fields = {"vocab_size": LLAMA_VOCAB, **PRESETS[name], **overrides}
-  if vocab_size is not None:
-    fields["vocab_size"] = vocab_size
+  fields = {**PRESETS[name], **overrides}
+  fields["vocab_size"] = vocab_size or fields.get("vocab_size", LLAMA_VOCAB)
   return LlamaConfig(**fields)
 
 

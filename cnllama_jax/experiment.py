@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnllama_jax import hf, lora as lora_lib, model as model_lib, sharding as shd
+from cnllama_jax import tokenizer as tok_lib
 from cnllama_jax import train as train_lib, vocab as vocab_lib
 from cnllama_jax.config import LlamaConfig
 
@@ -58,9 +59,11 @@ def build_mesh(config, devices=None) -> Mesh:
 
 
 def tokenizer_size(path: str) -> int:
-  """Pieces of a SentencePiece model (a .model file or a directory holding tokenizer.model)."""
-  from cnllama_jax.tokenizer import load_processor  # pylint: disable=import-outside-toplevel
-  return load_processor(path).get_piece_size()
+  """Ids of a SentencePiece model or byte-level BPE tokenizer.json (a file or a directory)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"tokenizer {path}: no such file; expected a SentencePiece .model, a "
+                            "tokenizer.json or a directory with one")
+  return tok_lib.vocab_size(path)
 
 
 def base_model_config(config, vocab_multiple: int) -> LlamaConfig:
@@ -105,7 +108,8 @@ def prepare(config, cfg: LlamaConfig, params, mesh: Mesh, rules):
     cfg, params = vocab_lib.resize_vocab(
         cfg, params, new_vocab, init=config.vocab.init, noise_std=config.vocab.noise_std,
         rng=jax.random.key(config.seed + 1),
-        vocab_multiple=vocab_lib.mesh_vocab_multiple(mesh, rules), strict=config.vocab.strict)
+        vocab_multiple=vocab_lib.mesh_vocab_multiple(mesh, rules), strict=config.vocab.strict,
+        sub_pieces=tok_lib.config_sub_pieces(config, old_vocab))
     resized = (old_vocab, new_vocab)
   lora = lora_config(config)
   if lora.rank:

@@ -24,10 +24,13 @@ def default() -> ml_collections.ConfigDict:
   c.seed = 0
   c.dry_run = False
   c.base_model = ""  # a local HF LLaMA directory; "" = random init of `model` (tiny shapes)
-  c.tokenizer = ""  # SentencePiece .model (or dir); the vocabulary is resized to it
+  c.tokenizer = ""  # SentencePiece .model, tokenizer.json or a dir; the vocabulary is resized to it
   c.model = model_fields("tiny", 99)
 
-  c.vocab = ml_collections.ConfigDict(dict(init="normal", noise_std=0.0, strict=True))
+  # init: normal | mean | subword_mean (each new row the mean of the base rows of the pieces
+  # `base_tokenizer`, the base model's own tokenizer, splits the new piece into).
+  c.vocab = ml_collections.ConfigDict(dict(init="normal", noise_std=0.0, strict=True,
+                                           base_tokenizer=""))
   c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=32.0, dropout=0.05,
                                           targets=tuple(lora_lib.TARGET_MODULES)))
   c.train = ml_collections.ConfigDict(dict(
@@ -57,7 +60,8 @@ def paper_scale(c: ml_collections.ConfigDict, preset: str, vocab_size: int,
   """The paper's settings for a real model size: bf16 compute, bf16 frozen weights, remat,
   sequence length 512, FSDP over all devices."""
   c.model.dtype, c.model.param_dtype, c.model.remat_policy = "bfloat16", "bfloat16", "full"
-  with_preset(c, preset, vocab_size)
+  # a preset with its own vocabulary (LLaMA-3) keeps it: config.tokenizer resizes it
+  with_preset(c, preset, model_config.PRESETS[preset].get("vocab_size", vocab_size))
   c.train.global_batch_size = global_batch
   c.train.seq_len = 512
   c.mesh.shape = (1, -1, 1)

@@ -5,7 +5,8 @@
 * ``merge``: the paper's protobuf-level merge.  Every piece of the Chinese
   model whose string LLaMA lacks is appended, in the Chinese model's order, as
   a NORMAL piece with score 0 (32,000 + 17,953 = 49,953 pieces); optionally a
-  pad piece last (Chinese-Alpaca: ``[PAD]`` = 49,953).  LLaMA's trainer and
+  pad piece last (Chinese-Alpaca: ``[PAD]`` = 49,953, NORMAL, score 0, so the
+  49,954-piece file is byte-identical to the published one).  LLaMA's trainer and
   normalizer specs are kept, so the result is a LLaMA-style BPE model.
   ``new_piece_scores="ordered"`` gives the appended pieces distinct scores
   above every base score, decreasing in appended order: no BPE ties, so
@@ -38,6 +39,7 @@ _Piece = sp_pb2.ModelProto.SentencePiece
 NORMAL, UNKNOWN, CONTROL = _Piece.NORMAL, _Piece.UNKNOWN, _Piece.CONTROL
 USER_DEFINED, BYTE = _Piece.USER_DEFINED, _Piece.BYTE
 SCORE_MODES = ("zero", "ordered")
+PAD_TYPES = {"normal": NORMAL, "user_defined": USER_DEFINED}
 HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PathLike = str | os.PathLike
 
@@ -104,6 +106,18 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
   return path
 
 
+def check_corpus(inputs: Iterable[PathLike]) -> tuple[list[Path], int, int]:
+  """``(files, non_blank_lines, bytes)`` of training input; CorpusError if missing/empty/bad."""
+  files = list_text_files(inputs)
+  if not files:
+    raise CorpusError("no input files given")
+  counts = [check_utf8(path) for path in files]
+  n_lines, n_bytes = sum(c[0] for c in counts), sum(c[1] for c in counts)
+  if n_lines == 0:
+    raise CorpusError(f"empty input: no non-blank line in {', '.join(map(str, files))}")
+  return files, n_lines, n_bytes
+
+
 def train_sentencepiece(
     inputs: Iterable[PathLike], out_path: PathLike, vocab_size: int = 20000,
     model_type: str = "unigram", character_coverage: float = 0.9995, byte_fallback: bool = False,
@@ -122,13 +136,7 @@ def train_sentencepiece(
   """
   if model_type not in ("unigram", "bpe", "char", "word"):
     raise ValueError(f"unknown model_type {model_type!r}")
-  files = list_text_files(inputs)
-  if not files:
-    raise CorpusError("no input files given")
-  counts = [check_utf8(path) for path in files]
-  n_lines, n_bytes = sum(c[0] for c in counts), sum(c[1] for c in counts)
-  if n_lines == 0:
-    raise CorpusError(f"empty input: no non-blank line in {', '.join(map(str, files))}")
+  files, n_lines, n_bytes = check_corpus(inputs)
   logger.info("training %s model, vocab %d, on %d lines (%d bytes) from %d file(s)",
               model_type, vocab_size, n_lines, n_bytes, len(files))
   options = dict(
@@ -184,18 +192,22 @@ def load_model_proto(path: PathLike) -> sp_pb2.ModelProto:
 
 
 def merge_protos(base: sp_pb2.ModelProto, added: sp_pb2.ModelProto, pad_piece: str | None = None,
-                 new_piece_scores: str = "zero") -> sp_pb2.ModelProto:
+                 new_piece_scores: str = "zero", pad_type: str = "normal") -> sp_pb2.ModelProto:
   """Returns a copy of ``base`` extended with the pieces of ``added`` it lacks.
 
   As in the paper, every piece of ``added`` (whatever its type) whose string
   is not in ``base`` is appended in ``added``'s order with the default NORMAL
   type and score 0 (``"zero"``) or, for ``"ordered"``, ``max_base_score + n - i``
-  for the i-th of n appended pieces.  ``pad_piece`` is appended last as a
-  USER_DEFINED piece (score 0): sentencepiece then maps the literal string to
-  its id, as Hugging Face does for its pad special token.
+  for the i-th of n appended pieces.  ``pad_piece`` is appended last with score
+  0 and type ``pad_type``: ``"normal"`` as the published Chinese-Alpaca
+  tokenizer.model (sentencepiece spells the literal string "[PAD]" out in
+  ordinary pieces), or ``"user_defined"`` (sentencepiece maps the literal
+  string to its id, as Hugging Face does for its pad special token).
   """
   if new_piece_scores not in SCORE_MODES:
     raise ValueError(f"new_piece_scores must be one of {SCORE_MODES}, got {new_piece_scores!r}")
+  if pad_type not in PAD_TYPES:
+    raise ValueError(f"pad_type must be one of {sorted(PAD_TYPES)}, got {pad_type!r}")
   merged = sp_pb2.ModelProto()
   merged.CopyFrom(base)
   seen = {p.piece for p in base.pieces}
@@ -210,11 +222,14 @@ def merge_protos(base: sp_pb2.ModelProto, added: sp_pb2.ModelProto, pad_piece: s
   if pad_piece is not None:
     if pad_piece in seen:
       raise ValueError(f"pad piece {pad_piece!r} is already in the vocabulary")
-    merged.pieces.add(piece=pad_piece, score=0.0, type=USER_DEFINED)
+    if PAD_TYPES[pad_type] == NORMAL:
+      merged.pieces.add(piece=pad_piece, score=0.0)  # type and score left at their defaults
+    else:
+      merged.pieces.add(piece=pad_piece, score=0.0, type=USER_DEFINED)
   return merged
 
 
-def bpe_merges(proto: sp_pb2.ModelProto) -> list[tuple[str, str]]:
+def bpe_merges(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> list[tuple[str, str]]:
   """Hugging Face BPE merges following sentencepiece's BPE priorities.
 
   sentencepiece repeatedly merges the adjacent pair whose concatenation is the
@@ -222,8 +237,9 @@ def bpe_merges(proto: sp_pb2.ModelProto) -> list[tuple[str, str]]:
   NORMAL piece into two NORMAL pieces becomes a merge, ranked by (score
   descending, piece id, split point); only equal scores can still disagree.
   (transformers' own conversion ranks merges by id alone, ignoring scores.)
+  A NORMAL ``pad_piece`` is a special token for Hugging Face, never a merge result.
   """
-  ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == NORMAL}
+  ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == NORMAL and p.piece != pad_piece}
   ranked = sorted((-proto.pieces[i].score, i, cut, piece[:cut], piece[cut:])
                   for piece, i in ids.items() for cut in range(1, len(piece))
                   if piece[:cut] in ids and piece[cut:] in ids)
@@ -234,7 +250,8 @@ def _added_tokens(proto: sp_pb2.ModelProto, pad_piece: str | None) -> dict[int, 
   """id -> tokenizers AddedToken fields, for control/unknown (special) and user-defined pieces."""
   return {i: {"content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": p.type != USER_DEFINED or p.piece == pad_piece}
-          for i, p in enumerate(proto.pieces) if p.type in (CONTROL, UNKNOWN, USER_DEFINED)}
+          for i, p in enumerate(proto.pieces)
+          if p.type in (CONTROL, UNKNOWN, USER_DEFINED) or p.piece == pad_piece}
 
 
 def _role_tokens(proto: sp_pb2.ModelProto, pad_piece: str | None) -> dict[str, str | None]:
@@ -266,7 +283,7 @@ def hf_tokenizer_json(proto: sp_pb2.ModelProto, pad_piece: str | None = None) ->
                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                 "byte_fallback": True, "ignore_merges": False,
                 "vocab": {p.piece: i for i, p in enumerate(proto.pieces)},
-                "merges": [list(m) for m in bpe_merges(proto)]},
+                "merges": [list(m) for m in bpe_merges(proto, pad_piece)]},
   }
 
 
@@ -290,14 +307,60 @@ class MergeResult:
   pad_id: int | None
 
 
+def json_bytes(doc: dict, indent: int | None = 2) -> bytes:
+  return (json.dumps(doc, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
+
+
+def check_output_dir(out: Path) -> None:
+  """A merge writes a new directory: a non-empty existing one is refused (FileExistsError)."""
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise FileExistsError(
+        f"{out}: output exists and is not an empty directory; remove it or choose another")
+
+
+def publish_dir(out: Path, files: dict[str, bytes]) -> Path:
+  """Writes ``files`` into a temporary sibling of ``out`` and renames it into place, so ``out``
+  is either complete or absent."""
+  check_output_dir(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+  try:
+    tmp.chmod(0o755)  # mkdtemp creates 0700
+    for name, data in files.items():
+      (tmp / name).write_bytes(data)
+    if out.exists():
+      out.rmdir()
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def base_kind(path: PathLike) -> str:
+  """``"sentencepiece"`` for a ``.model`` file or a directory holding ``tokenizer.model``;
+  ``"bpe"`` for a ``tokenizer.json`` file or a directory with only ``tokenizer.json``."""
+  path = Path(path)
+  if path.is_dir():
+    return "bpe" if not (path / "tokenizer.model").exists() and (
+        path / "tokenizer.json").exists() else "sentencepiece"
+  return "bpe" if path.suffix == ".json" else "sentencepiece"
+
+
 def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
-          pad_piece: str | None = None, new_piece_scores: str = "zero") -> MergeResult:
+          pad_piece: str | None = None, new_piece_scores: str = "zero",
+          pad_type: str = "normal") -> MergeResult:
   """Merges two ``.model`` files (see ``merge_protos``) into the new directory ``out_dir``.
 
   ``out_dir`` gets ``HF_FILES``; it is built in a temporary sibling and renamed
   into place, so it is either complete or absent.  A non-empty existing
   ``out_dir`` is refused (FileExistsError).  The base must be BPE (as LLaMA's).
+  A byte-level BPE base (a ``tokenizer.json``, LLaMA-3 style) goes to ``bpe.merge``
+  (``added_path`` then a byte-level BPE ``tokenizer.json`` too; scores and pad type unused).
   """
+  if base_kind(base_path) == "bpe":
+    from cnllama_jax import bpe  # pylint: disable=import-outside-toplevel  (bpe imports this module)
+    return bpe.merge(base_path, added_path, out_dir, pad_piece=pad_piece)
   base, added = load_model_proto(base_path), load_model_proto(added_path)
   if base.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE:
     kind = sp_pb2.TrainerSpec.ModelType.Name(base.trainer_spec.model_type)
@@ -306,31 +369,16 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
   if norm.name != "identity" or norm.remove_extra_whitespaces:
     logger.warning("%s: normalizer %r is not reproduced by the Hugging Face files",
                    base_path, norm.name)
-  merged = merge_protos(base, added, pad_piece, new_piece_scores)
+  merged = merge_protos(base, added, pad_piece, new_piece_scores, pad_type)
   out = Path(out_dir)
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
-    raise FileExistsError(
-        f"{out}: output exists and is not an empty directory; remove it or choose another")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-  try:
-    tmp.chmod(0o755)  # mkdtemp creates 0700
-    data = merged.SerializeToString()
-    parse_model_proto(data, str(out / "tokenizer.model"))  # sentencepiece must load the result
-    (tmp / "tokenizer.model").write_bytes(data)
-    roles = {k: v for k, v in _role_tokens(merged, pad_piece).items() if v}
-    documents = {"tokenizer.json": (hf_tokenizer_json(merged, pad_piece), None),
-                 "tokenizer_config.json": (hf_tokenizer_config(merged, pad_piece), 2),
-                 "special_tokens_map.json": (roles, 2)}
-    for name, (doc, indent) in documents.items():
-      text = json.dumps(doc, ensure_ascii=False, indent=indent) + "\n"
-      (tmp / name).write_text(text, encoding="utf-8")
-    if out.exists():
-      out.rmdir()
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  check_output_dir(out)
+  data = merged.SerializeToString()
+  parse_model_proto(data, str(out / "tokenizer.model"))  # sentencepiece must load the result
+  roles = {k: v for k, v in _role_tokens(merged, pad_piece).items() if v}
+  publish_dir(out, {"tokenizer.model": data,
+                    "tokenizer.json": json_bytes(hf_tokenizer_json(merged, pad_piece), None),
+                    "tokenizer_config.json": json_bytes(hf_tokenizer_config(merged, pad_piece)),
+                    "special_tokens_map.json": json_bytes(roles)})
   pad_id = len(merged.pieces) - 1 if pad_piece is not None else None
   result = MergeResult(str(out), len(merged.pieces), len(base.pieces),
                        len(merged.pieces) - len(base.pieces) - (pad_id is not None), pad_id)
@@ -342,3 +390,65 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
 def load_processor(path: PathLike) -> spm.SentencePieceProcessor:
   """A SentencePieceProcessor from a ``.model`` file or a directory holding ``tokenizer.model``."""
   return spm.SentencePieceProcessor(model_proto=load_model_proto(path).SerializeToString())
+
+
+# ----------------------------------------------------------------------------- either kind
+
+
+def vocab_size(path: PathLike) -> int:
+  """Embedding rows a tokenizer needs: SentencePiece pieces, or a tokenizer.json's highest id + 1."""
+  if base_kind(path) == "bpe":
+    from cnllama_jax import bpe  # pylint: disable=import-outside-toplevel
+    return bpe.size(bpe.load_json(path))
+  return len(load_model_proto(path).pieces)
+
+
+def load(path: PathLike):
+  """A SentencePieceProcessor or, for a byte-level BPE, a ``tokenizers.Tokenizer``."""
+  if base_kind(path) == "bpe":
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+    from cnllama_jax import bpe  # pylint: disable=import-outside-toplevel
+    return Tokenizer.from_str(json.dumps(bpe.load_json(path)))
+  return load_processor(path)
+
+
+def sub_pieces(base_path: PathLike, merged_path: PathLike, old_vocab: int) -> list[list[int]]:
+  """For each id in [old_vocab, vocab_size(merged_path)): the base ids the base tokenizer splits
+  that piece's text into (for the ``subword_mean`` row init of ``vocab.resize_vocab``).
+
+  SentencePiece: the piece's text (``▁`` read as a space) encoded by the base model without its
+  dummy prefix, so ``▁中国`` -> the base pieces of " 中国" (byte pieces for unknown characters).
+  Byte-level BPE: the base's BPE applied to the token's bytes (see ``bpe.sub_pieces``).
+  Raises ValueError if the base does not have ``old_vocab`` pieces, if the merged tokenizer does
+  not start with the base's pieces, or if the two are not the same kind.
+  """
+  kinds = (base_kind(base_path), base_kind(merged_path))
+  if kinds[0] != kinds[1]:
+    raise ValueError(f"base tokenizer {base_path} is {kinds[0]} but {merged_path} is {kinds[1]}; "
+                     "pass the tokenizer the merge started from")
+  if kinds[0] == "bpe":
+    from cnllama_jax import bpe  # pylint: disable=import-outside-toplevel
+    return bpe.sub_pieces(base_path, merged_path, old_vocab)
+  base, merged = load_model_proto(base_path), load_model_proto(merged_path)
+  if len(base.pieces) != old_vocab:
+    raise ValueError(f"{base_path}: base tokenizer has {len(base.pieces)} pieces but the base "
+                     f"model's embedding has {old_vocab} rows; pass the model's own tokenizer")
+  if [p.piece for p in merged.pieces[:old_vocab]] != [p.piece for p in base.pieces]:
+    raise ValueError(f"{merged_path}: its first {old_vocab} pieces are not those of {base_path}; "
+                     "pass the tokenizer the merge started from")
+  base.normalizer_spec.add_dummy_prefix = False
+  sp = spm.SentencePieceProcessor(model_proto=base.SerializeToString())
+  return [sp.encode(p.piece.replace("\u2581", " ")) for p in merged.pieces[old_vocab:]]
+
+
+def config_sub_pieces(config, old_vocab: int) -> list[list[int]] | None:
+  """``sub_pieces(config.vocab.base_tokenizer, config.tokenizer, old_vocab)`` when the run config
+  asks for ``vocab.init="subword_mean"``, else None."""
+  if config.vocab.init != "subword_mean":
+    return None
+  base = config.vocab.get("base_tokenizer", "")
+  if not base:
+    raise ValueError("vocab.init='subword_mean' needs vocab.base_tokenizer: the base model's own "
+                     "tokenizer (.model, tokenizer.json or a directory)")
+  return sub_pieces(base, config.tokenizer, old_vocab)

@@ -1,6 +1,7 @@
 """Encoding efficiency of tokenizers (the paper's motivation for the vocabulary extension):
 tokens per character and per byte, the share of characters that fall back to byte pieces, and
-encode speed, as a table and a PNG bar chart.
+encode speed, as a table and a PNG bar chart. A tokenizer is a SentencePieceProcessor or a
+byte-level BPE ``tokenizers.Tokenizer`` (``tokenizer.load`` opens either), side by side.
 """
 
 from __future__ import annotations
@@ -16,13 +17,37 @@ import sentencepiece as spm
 from cnllama_jax.tokenizer import PathLike, atomic_write_bytes
 
 
-def byte_fallback_chars(sp: spm.SentencePieceProcessor, text: str) -> int:
+def _byte_level_split_chars(tok, text: str) -> int:
+  """Non-whitespace characters of ``text`` covered by a byte-level token that is not whole UTF-8
+  (a character split across tokens: the byte-level analogue of byte fallback)."""
+  from cnllama_jax.bpe import token_bytes  # pylint: disable=import-outside-toplevel
+
+  encoding = tok.encode(text, add_special_tokens=False)
+  hit = set()
+  for token, (begin, end) in zip(encoding.tokens, encoding.offsets):
+    try:
+      token_bytes(token).decode("utf-8")
+    except UnicodeDecodeError:
+      hit.update(range(begin, end))
+  return sum(1 for i in hit if i < len(text) and not text[i].isspace())
+
+
+def _num_tokens(tok, text: str) -> int:
+  if isinstance(tok, spm.SentencePieceProcessor):
+    return len(tok.encode(text))
+  return len(tok.encode(text, add_special_tokens=False).ids)
+
+
+def byte_fallback_chars(sp, text: str) -> int:
   """Number of non-whitespace characters of ``text`` encoded (at least partly) as byte pieces.
 
   sentencepiece gives every piece's span as UTF-8 byte offsets into the
   original text (for a character split into bytes, the last byte piece carries
   the character's span); a character counts if a byte piece's span covers it.
+  A byte-level BPE ``tokenizers.Tokenizer``: characters split across tokens.
   """
+  if not isinstance(sp, spm.SentencePieceProcessor):
+    return _byte_level_split_chars(sp, text)
   char_at, offset = {}, 0
   for index, ch in enumerate(text):
     char_at[offset] = index
@@ -41,8 +66,8 @@ class TokenizerStats:
   """One tokenizer on one text, encoded as a single string without BOS/EOS.
 
   Characters are Unicode code points.  ``byte_fallback_share`` = characters
-  encoded with byte pieces / non-whitespace characters.  ``chars_per_second``
-  is the single-thread throughput of ``SentencePieceProcessor.encode``.
+  encoded with byte pieces (byte-level BPE: split across tokens) / non-whitespace characters.
+  ``chars_per_second`` is the throughput of the tokenizer's ``encode``.
   """
 
   name: str
@@ -66,12 +91,12 @@ class TokenizerStats:
     return self.num_byte_fallback_chars / max(self.num_nonspace_chars, 1)
 
 
-def tokenizer_stats(sp: spm.SentencePieceProcessor, text: str, name: str = "",
+def tokenizer_stats(sp, text: str, name: str = "",
                     min_seconds: float = 0.2) -> TokenizerStats:
   """Computes ``TokenizerStats``; speed is timed over repeated encodes for >= ``min_seconds``."""
   repeats, start = 0, time.perf_counter()
   while (elapsed := time.perf_counter() - start) < min_seconds or repeats == 0:
-    num_tokens = len(sp.encode(text))
+    num_tokens = _num_tokens(sp, text)
     repeats += 1
   return TokenizerStats(name=name, num_chars=len(text), num_bytes=len(text.encode("utf-8")),
                         num_tokens=num_tokens,

@@ -12,7 +12,7 @@ resized to the tokenizer of the LoRA about to be applied (the paper's merge/infe
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,40 +94,73 @@ def _vocab_shards(x: Any, axis: int) -> int:
   return math.prod(sharding.mesh.shape[n] for n in names)
 
 
-def _resize_leaf(x, axis: int, old: int, new: int, padded: int, init: str, noise_std: float, key):
+INITS = ("normal", "mean", "subword_mean")
+
+
+def sub_piece_segments(sub_pieces: Sequence[Sequence[int]], old: int, new: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Flattens per-new-row base ids for a segment mean: (ids int32 [total], row int32 [total],
+  count int32 [new - old]); checks there is one list per new row and every id is a base id."""
+  if len(sub_pieces) != new - old:
+    raise ValueError(f"sub_pieces has {len(sub_pieces)} entries; expected one per new row "
+                     f"({new - old} = {new} - {old})")
+  ids = np.asarray([i for piece in sub_pieces for i in piece], np.int64)
+  bad = ids[(ids < 0) | (ids >= old)]
+  if bad.size:
+    raise ValueError(f"sub_pieces holds id {int(bad[0])}, not a base id (base vocabulary {old})")
+  count = np.asarray([len(piece) for piece in sub_pieces], np.int32)
+  return ids.astype(np.int32), np.repeat(np.arange(new - old, dtype=np.int32), count), count
+
+
+def _resize_leaf(x, axis: int, old: int, new: int, padded: int, init: str, noise_std: float, key,
+                 segments=None):
   """x: [padded_old, hidden] (axis 0) or [hidden, padded_old] (axis 1) -> same with `padded`.
 
   Jax arrays: built under jit with out_shardings = x.sharding (a NamedSharding keeps its spec; other
   shardings are passed through as-is). numpy in -> numpy out. dtype is kept.
+  segments: `sub_piece_segments(...)` for init="subword_mean".
   """
-  def build(x, key):
+  def build(x, key, segments):
     keep = jax.lax.slice_in_dim(x, 0, old, axis=axis)  # old real rows, bit-identical
     other = x.shape[1 - axis]
     shape = lambda n: (n, other) if axis == 0 else (other, n)  # noqa: E731
     noise = lambda: jax.random.normal(key, shape(new - old), jnp.float32)  # noqa: E731
     if init == "normal":  # as HF `_init_weights`: N(0, initializer_range=0.02)
-      rows = 0.02 * noise()
-    else:  # mean of the old real rows (+ optional noise), computed in fp32
-      rows = jnp.broadcast_to(jnp.mean(keep.astype(jnp.float32), axis=axis, keepdims=True),
-                              shape(new - old))
-      if noise_std:
-        rows = rows + noise_std * noise()
-    pad = jnp.zeros(shape(padded - new), x.dtype)
+      return finish(keep, 0.02 * noise())
+    # mean of the old real rows, computed in fp32
+    mean = jnp.mean(keep.astype(jnp.float32), axis=axis, keepdims=True)  # [1, hidden] / [hidden, 1]
+    rows = jnp.broadcast_to(mean, shape(new - old))
+    if init == "subword_mean":  # each row: the mean of its sub-pieces' rows (none: `mean`)
+      ids, row, count = segments
+      gathered = jnp.take(keep, ids, axis=axis).astype(jnp.float32)  # [total, hidden] (axis 0)
+      gathered = gathered if axis == 0 else gathered.T  # [total, hidden]
+      sums = jax.ops.segment_sum(gathered, row, num_segments=new - old)  # [new - old, hidden]
+      means = sums / jnp.maximum(count, 1)[:, None].astype(jnp.float32)
+      rows = jnp.where((count > 0)[:, None] if axis == 0 else (count > 0)[None, :],
+                       means if axis == 0 else means.T, rows)
+    return finish(keep, rows + noise_std * noise() if noise_std else rows)
+
+  def finish(keep, rows):
+    pad = jnp.zeros((padded - new, x.shape[1]) if axis == 0 else (x.shape[0], padded - new),
+                    x.dtype)
     return jnp.concatenate([keep, rows.astype(x.dtype), pad], axis=axis)
 
+  if segments is None:
+    segments = tuple(np.zeros(n, np.int32) for n in (0, 0, new - old))
   if isinstance(x, jax.Array):
     shards = _vocab_shards(x, axis)
     if padded % shards:
       raise ValueError(f"padded vocabulary {padded} is not divisible by the {shards} shards of "
                        f"the vocab axis ({x.sharding.spec}); use a vocab_multiple that is a "
                        f"multiple of {shards} (see mesh_vocab_multiple)")
-    return jax.jit(build, out_shardings=x.sharding)(x, key)
-  return np.asarray(jax.jit(build)(jnp.asarray(x), key))
+    return jax.jit(build, out_shardings=x.sharding)(x, key, segments)
+  return np.asarray(jax.jit(build)(jnp.asarray(x), key, segments))
 
 
 def resize_vocab(cfg: LlamaConfig, params: Any, new_vocab_size: int, *, init: str = "normal",
                  rng=None, noise_std: float = 0.0, vocab_multiple: int | None = None,
-                 strict: bool = True) -> tuple[LlamaConfig, Any]:
+                 strict: bool = True, sub_pieces: Sequence[Sequence[int]] | None = None
+                 ) -> tuple[LlamaConfig, Any]:
   """Resizes embed_tokens [P, hidden] and lm_head [hidden, P] (if untied) to the tokenizer.
 
   P = cfg.padded_vocab_size -> P' = new_cfg.padded_vocab_size (a multiple of `vocab_multiple`,
@@ -135,6 +168,11 @@ def resize_vocab(cfg: LlamaConfig, params: Any, new_vocab_size: int, *, init: st
     [0, cfg.vocab_size)               copied bit-identically;
     [cfg.vocab_size, new_vocab_size)  init="normal": N(0, 0.02^2) (HF `_init_weights`), or
                                       init="mean": mean of the old real rows + N(0, noise_std^2);
+                                      init="subword_mean": row i is the mean of the old rows
+                                      sub_pieces[i - cfg.vocab_size] (the base ids the base
+                                      tokenizer splits that piece into; see
+                                      tokenizer.sub_pieces) + N(0, noise_std^2); an empty list
+                                      gives the "mean" row. Embedding and LM head alike.
     [new_vocab_size, P')              zeros.
   rng: a jax PRNG key, needed for "normal" or noise_std > 0 (embed and head use split keys).
   strict: see `check_pair` (strict=False allows resizing Chinese-LLaMA 49953 -> 49954 for SFT).
@@ -142,9 +180,15 @@ def resize_vocab(cfg: LlamaConfig, params: Any, new_vocab_size: int, *, init: st
   dtypes (float32 / bfloat16) are kept. Other params are shared, not copied.
   Returns (new_cfg, new_params); new_cfg.pad_token_id is left as it was.
   """
-  if init not in ("normal", "mean"):
-    raise ValueError(f"init={init!r}; expected 'normal' or 'mean'")
+  if init not in INITS:
+    raise ValueError(f"init={init!r}; expected 'normal' or 'mean' or 'subword_mean'")
   check_pair(cfg.vocab_size, new_vocab_size, strict=strict)
+  segments = None
+  if init == "subword_mean":
+    if sub_pieces is None:
+      raise ValueError("init='subword_mean' needs sub_pieces (the base tokenizer's split of each "
+                       "new piece; set vocab.base_tokenizer in the run config)")
+    segments = sub_piece_segments(sub_pieces, cfg.vocab_size, int(new_vocab_size))
   if rng is None and (init == "normal" or noise_std):
     raise ValueError(f"init={init!r} with noise_std={noise_std} needs an rng key")
   new_cfg = cfg.replace(vocab_size=int(new_vocab_size),
@@ -163,5 +207,6 @@ def resize_vocab(cfg: LlamaConfig, params: Any, new_vocab_size: int, *, init: st
     if tuple(x.shape) != tuple(want):
       raise ValueError(f"{name} has shape {tuple(x.shape)}; cfg expects {tuple(want)}")
     new_params[name] = _resize_leaf(x, axis, cfg.vocab_size, new_cfg.vocab_size,
-                                    new_cfg.padded_vocab_size, init, float(noise_std), key)
+                                    new_cfg.padded_vocab_size, init, float(noise_std), key,
+                                    segments)
   return new_cfg, type(params)(new_params) if type(params) is not dict else new_params

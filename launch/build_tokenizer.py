@@ -6,6 +6,12 @@
       --add chinese_sp.model --out merged/ [--pad_piece "[PAD]"] [--new_piece_scores ordered]
   python launch/build_tokenizer.py stats --tokenizer llama_tokenizer.model \
       --tokenizer merged/ --text zh.txt --png stats.png
+
+Byte-level BPE (LLaMA-3 style tokenizer.json) bases:
+  python launch/build_tokenizer.py train --model_type bpe --input corpus/ --vocab_size 20000 \
+      --out chinese_bpe.json
+  python launch/build_tokenizer.py merge --base llama3/tokenizer.json --add chinese_bpe.json \
+      --out merged_bpe/
 """
 
 from __future__ import annotations
@@ -15,11 +21,11 @@ import sys
 from pathlib import Path
 
 try:
-  from cnllama_jax import cli, tokenizer as tk
+  from cnllama_jax import bpe, cli, tokenizer as tk
   from cnllama_jax import tokenizer_stats as tstats
 except ImportError:  # running from a checkout without the package installed
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from cnllama_jax import cli, tokenizer as tk
+  from cnllama_jax import bpe, cli, tokenizer as tk
   from cnllama_jax import tokenizer_stats as tstats
 
 
@@ -33,11 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
 
-  train = sub.add_parser("train", help="train a SentencePiece model")
+  train = sub.add_parser("train", help="train a SentencePiece model or a byte-level BPE")
   train.add_argument("--input", nargs="+", required=True, help="UTF-8 text files or directories")
-  train.add_argument("--out", required=True, help="output .model path")
+  train.add_argument("--out", required=True,
+                     help="output .model path (SentencePiece) or, with --model_type bpe, a .json "
+                     "path for a byte-level BPE tokenizer.json (tokenizers)")
   train.add_argument("--vocab_size", type=int, default=20000)
-  train.add_argument("--model_type", choices=["unigram", "bpe"], default="unigram")
+  train.add_argument("--model_type", choices=["unigram", "bpe"], default="unigram",
+                     help="unigram: SentencePiece (paper); bpe: SentencePiece BPE (LLaMA-style "
+                     "base), or byte-level BPE when --out ends in .json")
+  train.add_argument("--min_frequency", type=int, default=2, help="bpe: least pair count to merge")
   train.add_argument("--character_coverage", type=float, default=0.9995)
   train.add_argument("--normalization", default="nmt_nfkc",
                      help="nmt_nfkc (paper) or identity (LLaMA)")
@@ -52,16 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
   _flag(train, "hard_vocab_limit", True, "fail if the vocabulary cannot reach --vocab_size")
 
   merge = sub.add_parser("merge", help="extend a base (LLaMA) model with the pieces of another")
-  merge.add_argument("--base", required=True, help="base .model (LLaMA)")
-  merge.add_argument("--add", required=True, help=".model whose new pieces are appended")
+  merge.add_argument("--base", required=True,
+                     help="base .model (LLaMA) or byte-level BPE tokenizer.json (file or dir)")
+  merge.add_argument("--add", required=True,
+                     help=".model (or, for a BPE base, tokenizer.json) whose new pieces are appended")
   merge.add_argument("--out", required=True, help="new output directory")
   merge.add_argument("--pad_piece", default=None,
                      help='append a pad piece last, e.g. "[PAD]" (Alpaca)')
+  merge.add_argument("--pad_type", choices=sorted(tk.PAD_TYPES), default="normal",
+                     help="normal: as the published Chinese-Alpaca file; user_defined: "
+                     "sentencepiece maps the literal pad string to its id, as HF does")
   merge.add_argument("--new_piece_scores", choices=tk.SCORE_MODES, default="zero",
                      help="zero: paper; ordered: distinct decreasing scores (HF == sentencepiece)")
 
   stats = sub.add_parser("stats", help="compare tokenizers on a text")
-  stats.add_argument("--tokenizer", action="append", required=True, help=".model file or directory")
+  stats.add_argument("--tokenizer", action="append", required=True,
+                     help=".model, tokenizer.json or a directory holding one")
   stats.add_argument("--text", required=True, help="UTF-8 text file")
   stats.add_argument("--png", default=None, help="save a bar chart here")
   stats.add_argument("--min_seconds", type=float, default=0.5,
@@ -70,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-  if args.command == "train":
+  if args.command == "train" and args.model_type == "bpe" and args.out.endswith(".json"):
+    bpe.train(args.input, args.out, vocab_size=args.vocab_size,
+              min_frequency=args.min_frequency, progress=True)
+    print(f"wrote {args.out}")
+  elif args.command == "train":
     tk.train_sentencepiece(
         args.input, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
         character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
@@ -84,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
   elif args.command == "merge":
     result = tk.merge(args.base, args.add, args.out, pad_piece=args.pad_piece,
-                      new_piece_scores=args.new_piece_scores)
+                      new_piece_scores=args.new_piece_scores, pad_type=args.pad_type)
     pad = f", pad id {result.pad_id}" if result.pad_id is not None else ""
     print(f"wrote {result.out_dir}: {result.num_pieces} pieces "
           f"({result.num_base} base + {result.num_added} appended{pad})")
@@ -94,7 +115,8 @@ def run(args: argparse.Namespace) -> None:
     for path in args.tokenizer:
       p = Path(path)
       name = p.name if p.is_dir() else p.stem
-      results.append(tstats.tokenizer_stats(tk.load_processor(p), text, name=name,
+      name += " (bpe)" if tk.base_kind(p) == "bpe" else ""
+      results.append(tstats.tokenizer_stats(tk.load(p), text, name=name,
                                         min_seconds=args.min_seconds))
     print(tstats.format_stats_table(results))
     if args.png:

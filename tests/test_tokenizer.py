@@ -99,8 +99,11 @@ def tiny(tmp_path_factory):
   tk.train_sentencepiece([DATA / "tokenizer_zh.txt"], d / "zh.model", vocab_size=500,
                          model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
                          progress=False)
+  # "zero" as the paper (a NORMAL [PAD]); "ordered" with a USER_DEFINED [PAD] so sentencepiece
+  # maps the literal string as HF does
   merged = {mode: tk.merge(d / "base.model", d / "zh.model", d / f"merged_{mode}",
-                           pad_piece="[PAD]", new_piece_scores=mode)
+                           pad_piece="[PAD]", new_piece_scores=mode,
+                           pad_type="normal" if mode == "zero" else "user_defined")
             for mode in tk.SCORE_MODES}
   return d, merged
 
@@ -158,7 +161,9 @@ def test_merge_appends_missing_pieces_in_order(tiny):
   assert all(p.score == 0 and p.type == tk.NORMAL for p in out.pieces[600:-1])
   assert len(out.pieces) == 600 + len(expected_new) + 1 == merged["zero"].num_pieces
   assert len({p.piece for p in out.pieces}) == len(out.pieces)
-  assert (out.pieces[-1].piece, out.pieces[-1].type) == ("[PAD]", tk.USER_DEFINED)
+  assert (out.pieces[-1].piece, out.pieces[-1].type) == ("[PAD]", tk.NORMAL)  # as published
+  ordered = tk.load_model_proto(d / "merged_ordered" / "tokenizer.model")
+  assert (ordered.pieces[-1].piece, ordered.pieces[-1].type) == ("[PAD]", tk.USER_DEFINED)
   assert merged["zero"].pad_id == len(out.pieces) - 1
   assert merged["zero"].num_added == len(expected_new)
   assert out.trainer_spec == base.trainer_spec and out.normalizer_spec == base.normalizer_spec
@@ -325,7 +330,28 @@ def real_merged(tmp_path_factory):
   d = tmp_path_factory.mktemp("real")
   return {"zero": tk.merge(LLAMA, CHINESE, d / "zero"),
           "ordered": tk.merge(LLAMA, CHINESE, d / "ordered", pad_piece="[PAD]",
-                              new_piece_scores="ordered")}
+                              new_piece_scores="ordered"),
+          "alpaca": tk.merge(LLAMA, CHINESE, d / "alpaca", pad_piece="[PAD]")}  # paper's settings
+
+
+# sha256 of the published Chinese-LLaMA (49,953) and Chinese-Alpaca (49,954) tokenizer.model files
+CHINESE_LLAMA_SHA256 = "e2676d4ca29ca1750f6ff203328d73b189321dc5776ceede037cbd36541d70c0"
+CHINESE_ALPACA_SHA256 = "2d967e855b1213a439df6c8ce2791f869c84b4f3b6cfacf22b86440b8192a2f8"
+
+
+@real
+def test_real_merges_are_byte_identical_to_published(real_merged):
+  import hashlib
+  sha = lambda name: hashlib.sha256(  # noqa: E731
+      (Path(real_merged[name].out_dir) / "tokenizer.model").read_bytes()).hexdigest()
+  assert sha("zero") == CHINESE_LLAMA_SHA256
+  assert sha("alpaca") == CHINESE_ALPACA_SHA256
+  alpaca = tk.load_model_proto(Path(real_merged["alpaca"].out_dir) / "tokenizer.model")
+  pad = alpaca.pieces[49953]
+  assert (pad.piece, pad.score, pad.type) == ("[PAD]", 0.0, tk.NORMAL)
+  tok = hf_tokenizer(real_merged["alpaca"].out_dir)
+  assert len(tok) == 49954 and tok.pad_token == "[PAD]" and tok.pad_token_id == 49953
+  assert tok.convert_ids_to_tokens(49953) == "[PAD]"
 
 
 @real

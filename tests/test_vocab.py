@@ -158,6 +158,14 @@ def test_resize_vocab_checks_its_arguments(tiny):
     vocab.resize_vocab(cfg, params, 98, init="mean")
   with pytest.raises(ValueError, match=r"init='zeros'; expected 'normal' or 'mean'"):
     vocab.resize_vocab(cfg, params, 150, init="zeros")
+  with pytest.raises(ValueError, match=r"init='subword_mean' needs sub_pieces .*vocab\.base_tok"):
+    vocab.resize_vocab(cfg, params, 101, init="subword_mean")
+  with pytest.raises(ValueError, match=r"sub_pieces has 1 entries; expected one per new row "
+                                       r"\(2 = 101 - 99\)"):
+    vocab.resize_vocab(cfg, params, 101, init="subword_mean", sub_pieces=[[1]])
+  with pytest.raises(ValueError, match=r"sub_pieces holds id 99, not a base id \(base vocabulary "
+                                       r"99\)"):
+    vocab.resize_vocab(cfg, params, 101, init="subword_mean", sub_pieces=[[1], [3, 99]])
   with pytest.raises(ValueError, match=r"needs an rng key"):
     vocab.resize_vocab(cfg, params, 150, init="normal")
   llama_cfg = preset("tiny", vocab_size=49953)
@@ -185,3 +193,68 @@ def test_row_masks():
   assert not new[98] and new[99] and new[149] and not new[150]
   with pytest.raises(ValueError, match=r"old_vocab=151 must be in \[0, vocab_size=150\]"):
     vocab.new_rows_mask(151, cfg)
+
+
+# --- subword_mean: each new row from the base rows of its sub-pieces ----------------------------
+
+SUB_PIECES = [[5, 7], [98], [], [3, 3, 60]]  # new ids 99, 100, 101, 102
+
+
+def test_subword_mean_rows_are_the_mean_of_their_sub_piece_rows(tiny):
+  cfg, params = tiny
+  new_cfg, new = vocab.resize_vocab(cfg, params, 103, init="subword_mean", sub_pieces=SUB_PIECES)
+  assert (new_cfg.vocab_size, new_cfg.padded_vocab_size) == (103, 128)
+  e = np.asarray(params["embed_tokens"], np.float64)  # [128, 64]
+  h = np.asarray(params["lm_head"], np.float64)  # [64, 128]
+  want_e = [(e[5] + e[7]) / 2, e[98], e[:99].mean(axis=0), (2 * e[3] + e[60]) / 3]
+  want_h = [(h[:, 5] + h[:, 7]) / 2, h[:, 98], h[:, :99].mean(axis=1), (2 * h[:, 3] + h[:, 60]) / 3]
+  rows, cols = np.asarray(new["embed_tokens"]), np.asarray(new["lm_head"])
+  for k in range(4):
+    np.testing.assert_allclose(rows[99 + k], want_e[k], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cols[:, 99 + k], want_h[k], rtol=1e-6, atol=1e-9)
+  np.testing.assert_array_equal(bits(rows[100]), bits(params["embed_tokens"][98]))  # one piece
+  np.testing.assert_array_equal(bits(rows)[:99], bits(params["embed_tokens"])[:99])
+  np.testing.assert_array_equal(bits(cols)[:, :99], bits(params["lm_head"])[:, :99])
+  assert not rows[103:].any() and not cols[:, 103:].any()
+
+
+def test_subword_mean_on_a_sharded_padded_table(tiny):
+  cfg, params = tiny
+  mesh = shd.make_mesh((1, 2, 4))  # 8 fake devices; vocab over `tensor` (4), embed over fsdp
+  rules = shd.DEFAULT_RULES
+  multiple = vocab.mesh_vocab_multiple(mesh, rules)  # 512
+  placed = shd.place(params, shd.param_shardings(model.abstract_params(cfg), mesh, rules))
+  new_cfg, sharded = vocab.resize_vocab(cfg, placed, 103, init="subword_mean",
+                                        sub_pieces=SUB_PIECES, vocab_multiple=multiple)
+  _, single = vocab.resize_vocab(cfg, params, 103, init="subword_mean", sub_pieces=SUB_PIECES,
+                                 vocab_multiple=multiple)
+  assert new_cfg.padded_vocab_size == 512
+  want = shd.param_shardings(model.abstract_params(new_cfg), mesh, rules)
+  for name in ("embed_tokens", "lm_head"):
+    out = sharded[name]
+    assert out.sharding.is_equivalent_to(want[name], 2) and len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(single[name]), rtol=1e-6, atol=1e-9)
+  e = np.asarray(params["embed_tokens"], np.float64)
+  rows = np.asarray(sharded["embed_tokens"])
+  np.testing.assert_allclose(rows[99], (e[5] + e[7]) / 2, rtol=1e-6, atol=1e-9)
+  np.testing.assert_array_equal(bits(rows)[:99], bits(params["embed_tokens"])[:99])
+  assert not rows[103:].any() and not np.asarray(sharded["lm_head"])[:, 103:].any()
+
+
+def test_sentencepiece_sub_pieces_are_the_base_split(tmp_path):
+  from tests.test_tokenizer import hand_model, write_model  # pylint: disable=import-outside-toplevel
+  from cnllama_jax import tokenizer as tk  # pylint: disable=import-outside-toplevel
+  # base ids: <unk> <s> </s> = 0-2, bytes <0x00>..<0xFF> = 3-258, then ▁ a b ab = 259-262
+  base = write_model(tmp_path / "base.model",
+                     hand_model([("\u2581", -1), ("a", -2), ("b", -3), ("ab", -4)]))
+  added = write_model(tmp_path / "zh.model", hand_model([("\u2581ab", -1), ("中", -2), ("a", -3)]))
+  tk.merge(base, added, tmp_path / "merged", pad_piece="[PAD]")  # 263 ▁ab, 264 中, 265 [PAD]
+  split = tk.sub_pieces(base, tmp_path / "merged", 263)
+  # "[PAD]": 5 byte pieces; "中" = E4 B8 AD: byte pieces 3 + 0xE4, ...
+  assert split == [[259, 262], [3 + 0xE4, 3 + 0xB8, 3 + 0xAD],
+                   [3 + ord(c) for c in "[PAD]"]]
+  with pytest.raises(ValueError, match=r"base\.model: base tokenizer has 263 pieces but the base "
+                                       r"model's embedding has 99 rows"):
+    tk.sub_pieces(base, tmp_path / "merged", 99)
+  with pytest.raises(ValueError, match=r"merged: its first 262 pieces are not those of .*zh\.model"):
+    tk.sub_pieces(tmp_path / "zh.model", tmp_path / "merged", len(tk.load_model_proto(added).pieces))
