@@ -283,14 +283,15 @@ def plot_losses(stages: dict, png_path: str) -> str:
     if s["history"]:
       steps, losses = zip(*s["history"])
       ax.plot([offset + x for x in steps], losses, color=color, label=f"{name} ({s['trainable']})")
-    for x, value in ((0, s["heldout_before"]), (s["steps"], s["heldout_after"])):
+    end = s["heldout_after"] if s["heldout_after"] is not None else s["eval_loss"]
+    for x, value in ((0, s["heldout_before"]), (s["steps"], end)):
       if value is not None:
         ax.plot(offset + x, value, "o", color=color, markerfacecolor="none")
     offset += s["steps"]
     ax.axvline(offset, color="0.85", linewidth=0.8)
   ax.set_xlabel("step (stages one after another)")
   ax.set_ylabel("loss (nats per token)")
-  ax.set_title("demo: training loss per stage; circles: held-out loss at start and end")
+  ax.set_title("demo: training loss per stage; circles: held-out loss (sft: validation)")
   ax.legend(fontsize=8)
   fig.tight_layout()
   buffer = io.BytesIO()
