@@ -19,9 +19,8 @@ def demo(tmp_path_factory):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device: fastest here
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config=configs/demo.py:smoke",
-       f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
-      check=False)
-  output = proc.stdout + proc.stderr
+       f"--workdir={workdir}"], cwd=REPO, env=env, capture_output=True, timeout=900, check=False)
+  output = (proc.stdout + proc.stderr).decode("utf-8", errors="replace")  # keeps bars' "\r"
   assert proc.returncode == 0, output[-3000:]
   with open(workdir / "demo_summary.json", encoding="utf-8") as f:
     return {"summary": json.load(f), "output": output, "workdir": workdir}
