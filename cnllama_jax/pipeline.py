@@ -52,8 +52,7 @@ def split_corpus(path: str, out_dir: str, every: int = HELDOUT_EVERY) -> tuple[s
 
   Returns (train directory, held-out file).
   """
-  files = sources.list_files(resolve(path), sources.TEXT_SUFFIXES)
-  docs = [text for file in files for _, text, _ in sources.iter_lines(file) if text.strip()]
+  docs = list(sources.iter_documents(sources.list_files(resolve(path), sources.TEXT_SUFFIXES)))
   if len(docs) < 2 * every:
     raise ValueError(f"{path}: {len(docs)} documents; the demo needs at least {2 * every} "
                      f"(one line each) to hold out every {every}th")
