@@ -13,6 +13,7 @@ logged at --verbosity=1).
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -28,6 +29,19 @@ from cnllama_jax import checkpoint, cli, experiment, pipeline, trainer  # noqa: 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for logs, config and checkpoints.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show third-party INFO logs (absl, Orbax, tfds, "
+                             "JAX) and tfds progress bars; the demo prints every stage's log.")
+
+
+def configure_logging(verbose: bool) -> None:
+  """Third-party INFO logs and tfds' progress bars off unless --verbose (warnings still show)."""
+  if verbose:
+    return
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # absl, and through it Orbax and tfds
+  for name in ("jax", "orbax", "tensorflow_datasets", "absl"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  tfds.disable_progress_bar()
 
 
 def maybe_initialize_distributed() -> None:
@@ -83,6 +97,7 @@ def _quiet_closed_loop_hook(previous):
 
 
 def main(argv) -> None:
+  configure_logging(_VERBOSE.value)
   checkpoint.one_line_orbax_errors()
   sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
   try:
@@ -102,7 +117,7 @@ def _main(argv) -> None:
     raise app.UsageError("--workdir is required (logs, config and checkpoints go there)")
   maybe_initialize_distributed()
   if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
-    pipeline.run(config, _WORKDIR.value)
+    pipeline.run(config, _WORKDIR.value, verbose=_VERBOSE.value)
   else:
     trainer.fit(config, _WORKDIR.value)
 
