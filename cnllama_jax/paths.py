@@ -226,15 +226,13 @@ def rmtree(url: PathLike) -> None:
 
 def copy_tree(src: PathLike, dst: PathLike) -> None:
   """Copies every file under `src` to the same relative path under `dst` (either may be a URL)."""
-  src_p, dst_p = path(src), path(dst)
-  for root, _, files in src_p.walk():
-    root = path(root)
-    rel = os.path.relpath(os.fspath(root), os.fspath(src_p)) if is_local(src) else \
-        os.fspath(root)[len(os.fspath(src_p)):].lstrip("/")
-    target = dst_p / rel if rel not in ("", ".") else dst_p
-    target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-      (target / name).write_bytes((root / name).read_bytes())
+  target = path(dst)
+  target.mkdir(parents=True, exist_ok=True)
+  for child in path(src).iterdir():
+    if child.is_dir():
+      copy_tree(child, target / child.name)
+    else:
+      (target / child.name).write_bytes(child.read_bytes())
 
 
 def check_complete(url: PathLike) -> None:
@@ -263,8 +261,8 @@ def publish_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[str]:
   if is_local(out) and os.path.isfile(out):
     raise FileExistsError(f"{out} is a file; expected a directory to write into")
   if _nonempty(path(out)) and not overwrite:
-    raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or "
-                          "choose another directory")
+    raise FileExistsError(f"{out}: already exists and is not empty; choose a new directory or "
+                          "pass overwrite=True (--overwrite)")
   if not is_writer():
     yield out
     return
@@ -292,3 +290,14 @@ def publish_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[str]:
       child.rmtree() if child.is_dir() else child.unlink()
   yield out
   (p / INCOMPLETE).unlink()
+
+
+def move(src: PathLike, dst: PathLike) -> None:
+  """Moves a file or directory (on an object store: copy + delete, not atomic)."""
+  src, dst = os.fspath(src), os.fspath(dst)
+  if is_local(src) and is_local(dst):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    shutil.move(src, dst)
+    return
+  fs, key = _fs(src)
+  fs.mv(key, _fs(dst)[1], recursive=True)
