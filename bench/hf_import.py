@@ -67,7 +67,12 @@ def rss_now() -> int:
 
 
 def max_rss() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+  """The peak RSS since the last reset (VmHWM; getrusage's ru_maxrss is never reset)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(method: str, directory: str) -> dict:
@@ -77,6 +82,9 @@ def child(method: str, directory: str) -> dict:
   import safetensors.numpy
   from cnllama_jax import load_hf
   jax.devices()  # start the backend before the baseline
+  if "gs" in method:  # and the gs:// client (gcsfs, its event loop and HTTP session)
+    from cnllama_jax import paths
+    paths.listdir(os.environ["BENCH_GS_MODEL"])
   np.zeros(1)
   # Imports leave a high-water mark above the current RSS; reset it (Linux: "5" > clear_refs
   # resets the peak RSS to the current one) so ru_maxrss measures the method alone.

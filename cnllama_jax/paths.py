@@ -16,6 +16,7 @@ what epath lacks:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +26,8 @@ import numpy as np
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
-INCOMPLETE = "_INCOMPLETE"  # present while a published directory is being written
+INCOMPLETE = "_INCOMPLETE"
+REMOTE_READ_BYTES = 16 << 20  # the largest single GET of read_into  # present while a published directory is being written
 
 
 def path(url: PathLike) -> epath.Path:
@@ -129,11 +131,13 @@ def read_into(url: PathLike, offset: int, out: np.ndarray) -> np.ndarray:
         done += n
     return out
   fs, key = _fs(url)
-  data = fs.cat_file(key, start=offset, end=offset + len(view))
-  if len(data) != len(view):
-    raise ValueError(f"{url}: truncated: wanted bytes {offset}..{offset + len(view)}, got "
-                     f"{len(data)}")
-  view[:] = data
+  for start in range(0, len(view), REMOTE_READ_BYTES):  # one GET per block: never 2x the range
+    end = min(start + REMOTE_READ_BYTES, len(view))
+    data = fs.cat_file(key, start=offset + start, end=offset + end)
+    if len(data) != end - start:
+      raise ValueError(f"{url}: truncated: wanted bytes {offset}..{offset + len(view)}, the "
+                       f"object ends at {offset + start + len(data)}")
+    view[start:end] = data
   return out
 
 
@@ -189,6 +193,27 @@ def process_tag() -> str:
   """'process 2/8' for log lines."""
   import jax  # pylint: disable=import-outside-toplevel
   return f"process {jax.process_index()}/{jax.process_count()}"
+
+
+class _ProcessTag(logging.Filter):
+  def __init__(self, tag: str):
+    super().__init__()
+    self.tag = tag
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not str(record.msg).startswith(self.tag):
+      record.msg = f"{self.tag}: {record.msg}"
+    return True
+
+
+def tag_logs_with_process() -> None:
+  """Prefixes every log line with 'process i/n' when the run spans several processes (for
+  entry points, after jax.distributed.initialize)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    for handler in logging.getLogger().handlers:
+      if not any(isinstance(f, _ProcessTag) for f in handler.filters):
+        handler.addFilter(_ProcessTag(process_tag()))
 
 
 def makedirs(url: PathLike) -> None:

@@ -100,10 +100,10 @@ def prepare_workdir(workdir: str) -> None:
 
 def check_paths(config) -> None:
   """Every path the config names exists (checked before anything is built)."""
-  paths = [("base_model", config.base_model), ("tokenizer", config.tokenizer)]
+  named = [("base_model", config.base_model), ("tokenizer", config.tokenizer)]
   if config.data.kind in ("text", "sft"):
-    paths.append(("data.path", config.data.path))
-  for key, value in paths:
+    named.append(("data.path", config.data.path))
+  for key, value in named:
     for path in [value] if isinstance(value, (str, os.PathLike)) else list(value or ()):
       if path and not paths.exists(path):
         raise FileNotFoundError(f"config.{key}={paths.missing(path)}")
