@@ -14,13 +14,16 @@ Methods (one subprocess each, interleaved over rounds; the best round of each co
   load_file (all)  the same, keeping every tensor (what a naive loader holds)
   load_hf          cnllama_jax.load_hf(dir) onto the CPU device: params [in, out], stacked layers,
                    padded vocabulary, as jax arrays (kept: they are the result)
-  load_hf (proposed)  the same with `proposed_read_shard` below patched in (a proposed change to
-                   cnllama_jax/hf.py: one copy per tensor, mapped pages released after each)
+  gs read          the same shards from a GCS emulator on loopback (fake-gcs-server, memory
+                   backend; tests/gcs_emulator.py), read raw in 16 MB ranged reads (dropped)
+  load_hf gs://    cnllama_jax.load_hf("gs://bucket/model") from that emulator
 
 Peak RSS = ru_maxrss after the method - RSS after imports and backend start (the high-water mark
 is reset there through /proc/self/clear_refs, so the imports' own peak does not hide the method's). For load_hf
 the result itself (0.82 GB of params) is resident at the end, so the import's own overhead is
-`peak - result`: what the import needs beyond the params it returns.
+`peak - result`: what the import needs beyond the params it returns. Targets (issue 13): beyond the
+params <= 1.2x the largest shard file (local) and <= 1.2x the largest tensor slice (gs://), at
+>= 50% of the raw read speed of the same storage.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ sys.path.insert(0, REPO)
 
 SHAPE = dict(vocab_size=49954, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
              num_attention_heads=16)
-METHODS = ("file.read", "load_file", "load_file (all)", "load_hf", "load_hf (proposed)")
+METHODS = ("file.read", "load_file", "load_file (all)", "load_hf", "gs read", "load_hf gs://")
+GS_CHUNK = 16 << 20
 MB = 1e6
 
 
@@ -63,59 +67,12 @@ def rss_now() -> int:
 
 
 def max_rss() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-_CHUNK_BYTES = 32 << 20
-
-
-def proposed_read_shard(source, leaf, cfg, shape, index, dtype):
-  """Prototype of a proposed change to `hf._read_shard` (bench-only, patched in for the method
-  `load_hf (proposed)`): allocate the destination slice once, in the HF (untransposed) layout
-  (np.zeros: padding rows are never touched), copy each HF tensor into it in blocks of ~32 MB of
-  rows (contiguous copies, cast on the way), drop each block's mapped pages after the copy
-  (madvise MADV_DONTNEED; the page cache keeps them), and return a transposed *view*:
-  `jax.device_put` transposes far faster than a strided numpy copy (as today's np.stack of .T
-  views also leaves to it). The RSS grows by the params plus one destination, never by the
-  checkpoint's size."""
-  import mmap
-  import numpy as np
-  bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
-  layers, inner = ([None], bounds)
-  if leaf.stacked:
-    layers, inner = range(*bounds[0]), bounds[1:]
-  real = list(inner)
-  if leaf.vocab_axis is not None:
-    lo, hi = inner[leaf.vocab_axis]
-    real[leaf.vocab_axis] = (min(lo, cfg.vocab_size), min(hi, cfg.vocab_size))
-  theirs = [slice(lo, hi) for lo, hi in real]
-  inner_shape = [hi - lo for lo, hi in inner]
-  if leaf.transpose:
-    theirs, inner_shape = theirs[::-1], inner_shape[::-1]
-  out = np.zeros(([len(layers)] if leaf.stacked else []) + inner_shape, dtype)  # HF layout
-  page = mmap.PAGESIZE
-  for i, layer in enumerate(layers):
-    key = leaf.hf_key if layer is None else leaf.hf_key.format(layer=layer)
-    file = source._files[source.file_of(key)]  # pylint: disable=protected-access
-    tensor = file.array(key)  # the whole HF tensor, a view of the memory map
-    dest = out if layer is None else out[i]
-    if tensor.ndim == 1:  # norm scales: small
-      dest[...] = tensor[tuple(theirs)]
-      continue
-    rows = theirs[0].indices(tensor.shape[0])[:2]
-    step = max(1, _CHUNK_BYTES // max(1, tensor[0].nbytes))
-    raw = getattr(getattr(file, "_mmap", None), "_mmap", None)
-    for r0 in range(rows[0], rows[1], step):
-      r1 = min(r0 + step, rows[1])
-      block = tensor[(slice(r0, r1), *theirs[1:])]
-      dest[r0 - rows[0]:r1 - rows[0], :block.shape[1]] = block
-      if raw is not None:
-        begin = tensor[r0:r1].__array_interface__["data"][0] - file._mmap.__array_interface__["data"][0]
-        start = begin // page * page
-        end = begin + tensor[r0:r1].nbytes
-        if end > start:
-          raw.madvise(mmap.MADV_DONTNEED, start, end - start)
-  return np.swapaxes(out, -1, -2) if leaf.transpose else out
+  """The peak RSS since the last reset (VmHWM; getrusage's ru_maxrss is never reset)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(method: str, directory: str) -> dict:
@@ -125,6 +82,9 @@ def child(method: str, directory: str) -> dict:
   import safetensors.numpy
   from cnllama_jax import load_hf
   jax.devices()  # start the backend before the baseline
+  if "gs" in method:  # and the gs:// client (gcsfs, its event loop and HTTP session)
+    from cnllama_jax import paths
+    paths.listdir(os.environ["BENCH_GS_MODEL"])
   np.zeros(1)
   # Imports leave a high-water mark above the current RSS; reset it (Linux: "5" > clear_refs
   # resets the peak RSS to the current one) so ru_maxrss measures the method alone.
@@ -146,11 +106,21 @@ def child(method: str, directory: str) -> dict:
   elif method == "load_file (all)":
     for path in files:
       kept.append(safetensors.numpy.load_file(path))
-  elif method in ("load_hf", "load_hf (proposed)"):
-    if method == "load_hf (proposed)":
-      from cnllama_jax import hf
-      hf._read_shard = proposed_read_shard  # pylint: disable=protected-access
+  elif method == "load_hf":
     _, params = load_hf(directory)
+    jax.block_until_ready(params)
+    kept.append(params)
+  elif method == "gs read":
+    from cnllama_jax import paths
+    url = os.environ["BENCH_GS_MODEL"]
+    for name in paths.listdir(url):
+      if name.endswith(".safetensors"):
+        size = paths.size(f"{url}/{name}")
+        for offset in range(0, size, GS_CHUNK):
+          data = paths.read_range(f"{url}/{name}", offset, min(GS_CHUNK, size - offset))
+          del data
+  elif method == "load_hf gs://":
+    _, params = load_hf(os.environ["BENCH_GS_MODEL"])
     jax.block_until_ready(params)
     kept.append(params)
   else:
@@ -190,19 +160,32 @@ def main() -> None:
     with open(path, "rb") as f:
       while f.read(1 << 26):
         pass
+  from cnllama_jax import config as config_lib, paths  # pylint: disable=import-outside-toplevel
+  from tests import gcs_emulator  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.load_hf_config(args.dir)
+  # One device: a param's slice is the whole (stacked, padded) param; the largest is the embedding.
+  largest_slice = max(cfg.padded_vocab_size * cfg.hidden_size,
+                      cfg.num_hidden_layers * cfg.hidden_size * cfg.intermediate_size) * 4
+  emulator = gcs_emulator.Emulator().start()
+  os.environ.update(emulator.env())
+  os.environ["BENCH_GS_MODEL"] = emulator.bucket("bench") + "/model"
+  paths.copy_tree(args.dir, os.environ["BENCH_GS_MODEL"])
   print(f"model {SHAPE}, fp32: {len(files)} shards, {total / MB:.0f} MB, largest "
-        f"{largest / MB:.0f} MB; load average {os.getloadavg()[0]:.1f}")
+        f"{largest / MB:.0f} MB, largest tensor slice {largest_slice / MB:.0f} MB; load average "
+        f"{os.getloadavg()[0]:.1f}")
 
   best: dict = {}
-  for r in range(args.rounds):
-    for method in METHODS:
-      result = run_child(method, args.dir)
-      print(f"round {r} {method:18s} {result['seconds']:6.2f} s  peak +{result['peak'] / MB:6.0f} MB"
-            f"  final +{result['final'] / MB:6.0f} MB", flush=True)
-      old = best.get(method)
-      best[method] = result if old is None else {
-          "seconds": min(old["seconds"], result["seconds"]), "peak": min(old["peak"], result["peak"]),
-          "final": min(old["final"], result["final"])}
+  try:
+    for r in range(args.rounds):
+      for method in METHODS:
+        result = run_child(method, args.dir)
+        print(f"round {r} {method:18s} {result['seconds']:6.2f} s  peak +"
+              f"{result['peak'] / MB:6.0f} MB  final +{result['final'] / MB:6.0f} MB", flush=True)
+        old = best.get(method)
+        best[method] = result if old is None else {
+            k: min(old[k], result[k]) for k in ("seconds", "peak", "final")}
+  finally:
+    emulator.stop()
 
   print(f"\n{'method':18s} {'seconds':>8s} {'MB/s':>8s} {'peak RSS':>10s} {'x largest':>10s}")
   for method in METHODS:
@@ -211,15 +194,15 @@ def main() -> None:
           f"{b['peak'] / MB:8.0f} MB {b['peak'] / largest:9.2f}x")
   ours, raw = best["load_hf"], best["load_file"]
   overhead = ours["peak"] - total
-  print(f"\nload_hf speed = {raw['seconds'] / ours['seconds']:.0%} of load_file, "
+  print(f"\nlocal: load_hf speed = {raw['seconds'] / ours['seconds']:.0%} of load_file, "
         f"{best['file.read']['seconds'] / ours['seconds']:.0%} of file.read (target >= 50%)")
-  print(f"load_hf peak RSS {ours['peak'] / MB:.0f} MB = {ours['peak'] / largest:.2f}x the largest "
-        f"shard; beyond the {total / MB:.0f} MB of params it returns: {overhead / MB:.0f} MB = "
-        f"{overhead / largest:.2f}x the largest shard (target <= 1.2x)")
-  prop = best["load_hf (proposed)"]
-  print(f"load_hf (proposed): {raw['seconds'] / prop['seconds']:.0%} of load_file's speed; peak "
-        f"{prop['peak'] / MB:.0f} MB, beyond the params {(prop['peak'] - total) / MB:.0f} MB = "
-        f"{(prop['peak'] - total) / largest:.2f}x the largest shard")
+  print(f"local: load_hf peak RSS {ours['peak'] / MB:.0f} MB; beyond the {total / MB:.0f} MB of "
+        f"params it returns: {overhead / MB:.0f} MB = {overhead / largest:.2f}x the largest shard "
+        "(target <= 1.2x)")
+  gs, gs_raw = best["load_hf gs://"], best["gs read"]
+  print(f"gs://: load_hf speed = {gs_raw['seconds'] / gs['seconds']:.0%} of raw ranged reads "
+        f"(target >= 50%); beyond the params: {(gs['peak'] - total) / MB:.0f} MB = "
+        f"{(gs['peak'] - total) / largest_slice:.2f}x the largest tensor slice (target <= 1.2x)")
   if not args.keep:
     import shutil
     shutil.rmtree(args.dir)

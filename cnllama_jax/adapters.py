@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from cnllama_jax import export as ex
-from cnllama_jax import hf, tensor_files
+from cnllama_jax import hf, paths, tensor_files
 from cnllama_jax.config import LlamaConfig
 from cnllama_jax.lora import TARGET_MODULES, LoraConfig, adapter_shapes
 from cnllama_jax.model import lora_from_params
@@ -65,9 +64,9 @@ def save_peft(cfg: LlamaConfig, params: Any, lora: LoraConfig, out_dir: str, *,
       "inference_mode": True, "use_rslora": False, "use_dora": False,
       "base_model_name_or_path": base_model_name_or_path}
   with ex.staged_dir(out_dir, overwrite) as tmp:
-    ex.write_safetensors(os.path.join(tmp, "adapter_model.safetensors"), specs,
+    ex.write_safetensors(paths.join(tmp, "adapter_model.safetensors"), specs,
                          lambda key: sources[key]())
-    ex.write_json(os.path.join(tmp, "adapter_config.json"), adapter_config)
+    ex.write_json(paths.join(tmp, "adapter_config.json"), adapter_config)
   return out_dir
 
 
@@ -88,19 +87,19 @@ def load_peft(path: str) -> tuple[LoraConfig, dict, dict[str, np.ndarray]]:
   [layers, in, r], 'lora_b': [layers, r, out]}}}} as float32 numpy; modules {'embed_tokens':
   [vocab, hidden], 'lm_head': [hidden, vocab]} (our layouts, unpadded) for saved whole modules.
   """
-  config_file = os.path.join(path, "adapter_config.json")
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f"{path}: no adapter_config.json; expected a PEFT LoRA directory")
-  with open(config_file, encoding="utf-8") as f:
-    conf = json.load(f)
+  config_file = paths.join(path, "adapter_config.json")
+  if not paths.isfile(config_file):
+    raise paths.missing(config_file, "no adapter_config.json; expected a PEFT LoRA directory")
+  paths.check_complete(path)
+  conf = json.loads(paths.read_text(config_file))
   if conf.get("peft_type", "LORA") != "LORA":
     raise ValueError(f"{config_file}: peft_type={conf['peft_type']!r}; only LORA is supported")
   for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("use_dora", False),
                   ("rank_pattern", {}), ("alpha_pattern", {}), ("layers_to_transform", None)):
     if conf.get(key) not in (ok, None):
       raise ValueError(f"{config_file}: {key}={conf[key]!r} is not supported (expected {ok!r})")
-  files = [os.path.join(path, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
-  files = [f for f in files if os.path.isfile(f)]
+  files = [paths.join(path, n) for n in ("adapter_model.safetensors", "adapter_model.bin")]
+  files = [f for f in files if paths.isfile(f)]
   if not files:
     raise FileNotFoundError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
   source = tensor_files.open_file(files[0])

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any
@@ -40,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cnllama_jax import train as train_lib
+from cnllama_jax import paths, train as train_lib
 
 SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"
@@ -162,7 +161,7 @@ def base_source(config, base_given: bool) -> str:
   if base_given:
     return "the base passed to fit (e.g. the previous stage's merged model)"
   if config.base_model:
-    return f"base_model {os.path.abspath(config.base_model)}"
+    return f"base_model {paths.absolute(config.base_model)}"
   m = config.model
   return (f"random init seed {config.seed} (hidden {m.hidden_size}, layers "
           f"{m.num_hidden_layers}, heads {m.num_attention_heads}, vocab {m.vocab_size})")
@@ -223,8 +222,8 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, config, run, source: str, *, async_save: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, SUBDIR)
+    self.workdir = paths.absolute(workdir)  # local or gs://: Orbax writes through tensorstore
+    self.directory = paths.join(self.workdir, SUBDIR)
     self.config, self.run = config, run
     self.vocab_size = run.cfg.vocab_size
     self.base = {"source": source,
@@ -365,13 +364,12 @@ class Checkpoints:
 
   def _set_aside(self, step: int, err: BaseException) -> None:
     """Reports a damaged checkpoint and moves it to <workdir>/checkpoints_damaged/<step>."""
-    target = os.path.join(self.workdir, DAMAGED_SUBDIR, f"{step}-{int(time.time())}")
+    target = paths.join(self.workdir, DAMAGED_SUBDIR, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       print(f"warning: checkpoint step {step} in {self.directory} is damaged "
             f"({_one_line(err)}); moved to {target}, trying the previous one",
             file=sys.stderr, flush=True)
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
+      paths.move(paths.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
     self.manager.reload()

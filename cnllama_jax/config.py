@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from cnllama_jax import paths
+
 # Vocabulary sizes of the paper: LLaMA, Chinese-LLaMA, Chinese-Alpaca (with [PAD]).
 LLAMA_VOCAB = 32000
 CHINESE_LLAMA_VOCAB = 49953
@@ -309,13 +311,14 @@ def rope_scaling_to_hf(scaling: RopeScaling, max_position_embeddings: int) -> di
 
 
 def load_hf_config(path: str, **overrides) -> LlamaConfig:
-  """Reads `<path>/config.json` (or a config.json path) with a clear error when missing."""
-  file = path if path.endswith(".json") else os.path.join(path, "config.json")
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{file}: no config.json; expected a Hugging Face LLaMA directory")
+  """Reads `<path>/config.json` (or a config.json path; local or `gs://...`) with a clear error
+  when missing."""
+  path = os.fspath(path)
+  file = path if path.endswith(".json") else paths.join(path, "config.json")
+  if not paths.isfile(file):
+    raise paths.missing(file, "no config.json; expected a Hugging Face LLaMA directory")
   try:
-    with open(file, encoding="utf-8") as f:
-      hf = json.load(f)
+    hf = json.loads(paths.read_text(file))
   except json.JSONDecodeError as e:
     raise ValueError(f"{file}: not valid JSON ({e})") from None
   return from_hf_dict(hf, source=file, **overrides)

@@ -17,9 +17,7 @@ import glob
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from typing import Any, Iterable
 
 import jax
@@ -28,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cnllama_jax import hf
+from cnllama_jax import hf, paths
 from cnllama_jax.config import LlamaConfig, to_hf_dict
 from cnllama_jax.lora import LoraConfig
 from cnllama_jax.model import lora_from_params
@@ -62,39 +60,25 @@ def _writer() -> bool:  # only process 0 writes; the others gather with it into 
 
 
 def _open_out(path: str):
-  return open(path if _writer() else os.devnull, "wb")
+  if not _writer():
+    return open(os.devnull, "wb")
+  return paths.path(path).open("wb")  # local or a streamed object upload
 
 
 @contextlib.contextmanager
 def staged_dir(out_dir: str, overwrite: bool):
-  """A temporary directory beside `out_dir`, renamed onto it when the block succeeds."""
-  out_dir = os.path.abspath(out_dir)
-  if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
-    raise FileExistsError(f"{out_dir}: already exists and is not empty; choose a new directory "
-                          "or pass overwrite=True")
-  tmp = None
-  if _writer():
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
-                           dir=os.path.dirname(out_dir))
-  try:
-    yield tmp or out_dir
-    if tmp:
-      os.chmod(tmp, 0o755)
-      if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-      os.replace(tmp, out_dir)
-  finally:
-    if tmp:
-      shutil.rmtree(tmp, ignore_errors=True)
+  """A directory to write into that becomes `out_dir` only when the block succeeds (local: a temp
+  sibling renamed onto it; a bucket: an `_INCOMPLETE` marker removed last; see paths.publish_dir)."""
+  out_dir = paths.absolute(out_dir)
+  with paths.publish_dir(out_dir, overwrite) as tmp:
+    yield tmp
   if jax.process_count() > 1:  # the others return once the directory is in place
     multihost_utils.sync_global_devices(f"export {out_dir}")
 
 
 def write_json(path: str, obj: Any) -> None:
   if _writer():
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_safetensors(path: str, specs: list[tuple[str, tuple, np.dtype]], fetch) -> None:
@@ -113,23 +97,23 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple, np.dtype]], fetch
       array = np.ascontiguousarray(fetch(key)).astype(dtype, copy=False)
       if array.shape != tuple(shape):
         raise AssertionError(f"{key}: fetched shape {array.shape}, planned {shape}")
-      array.tofile(f)
+      f.write(array.reshape(-1).view(np.uint8).data)  # a file or a streamed object upload
 
 
 def copy_tokenizer(tokenizer_dir: str | None, out: str) -> None:
   if tokenizer_dir is None:
     return
-  if os.path.isfile(tokenizer_dir) and tokenizer_dir.endswith(".model"):
+  if paths.isfile(tokenizer_dir) and tokenizer_dir.endswith(".model"):
     found = {"tokenizer.model": tokenizer_dir}
   else:
-    found = {n: os.path.join(tokenizer_dir, n) for n in TOKENIZER_FILES
-             if os.path.isfile(os.path.join(tokenizer_dir, n))}
+    found = {n: paths.join(tokenizer_dir, n) for n in TOKENIZER_FILES
+             if paths.isfile(paths.join(tokenizer_dir, n))}
   if not found:
     raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files; expected any of "
                             f"{list(TOKENIZER_FILES)}")
   if _writer():
     for name, src in found.items():
-      shutil.copyfile(src, os.path.join(out, name))
+      paths.write_bytes(paths.join(out, name), paths.read_bytes(src))
 
 
 # --- reading params one slice at a time ----------------------------------------------------------
@@ -231,14 +215,14 @@ def save_hf(cfg: LlamaConfig, params: Any, out_dir: str, *, dtype: str = "float3
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, specs in zip(names, shards):
-      write_safetensors(os.path.join(tmp, name), specs, fetch)
+      write_safetensors(paths.join(tmp, name), specs, fetch)
     if len(shards) > 1:
       total = sum(math.prod(s) * target.itemsize for _, _, _, s in plan)
-      write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+      write_json(paths.join(tmp, "model.safetensors.index.json"), {
           "metadata": {"total_size": total},
           "weight_map": {key: name for name, specs in zip(names, shards) for key, _, _ in specs}})
-    write_json(os.path.join(tmp, "config.json"), hf_config_dict(cfg, dtype))
-    write_json(os.path.join(tmp, "generation_config.json"), generation_config_dict(cfg))
+    write_json(paths.join(tmp, "config.json"), hf_config_dict(cfg, dtype))
+    write_json(paths.join(tmp, "generation_config.json"), generation_config_dict(cfg))
     copy_tokenizer(tokenizer_dir, tmp)
   return out_dir
 
@@ -343,9 +327,9 @@ def save_meta(cfg: LlamaConfig, params: Any, out_dir: str, *, num_shards: int | 
         x = np.array(x, dtype=target, order="C")  # a writable copy, as torch wants
         state[name] = (torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
                        if target == ml_dtypes.bfloat16 else torch.from_numpy(x))
-      with _open_out(os.path.join(tmp, f"consolidated.{shard:02d}.pth")) as f:
+      with _open_out(paths.join(tmp, f"consolidated.{shard:02d}.pth")) as f:
         torch.save(state, f)
-    write_json(os.path.join(tmp, "params.json"), meta_params_json(cfg))
+    write_json(paths.join(tmp, "params.json"), meta_params_json(cfg))
     copy_tokenizer(tokenizer_dir, tmp)  # as the paper's merge script, all tokenizer files
   return out_dir
 

@@ -1,9 +1,10 @@
 """Hugging Face LLaMA checkpoints <-> our param tree.
 
 Import streams: every param is built with `jax.make_array_from_callback`, so each device's shard
-is read straight from the memory-mapped file (torch's `[out, in]` weights transposed to our
-`[in, out]`, per-layer tensors stacked on the layer axis, the vocabulary padded with zero rows).
-No host ever holds more than one shard of one param.
+is read with ranged reads of just its bytes, from a local file or a bucket (`gs://...`), never a
+whole file (torch's `[out, in]` weights transposed to our `[in, out]`, per-layer tensors stacked
+on the layer axis, the vocabulary padded with zero rows). Beyond the params it returns, a host
+holds one shard of one param and one read block at a time.
 """
 from __future__ import annotations
 
@@ -108,32 +109,42 @@ def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
 
 
 def _read_shard(source, leaf: Leaf, cfg: LlamaConfig, shape, index, dtype) -> np.ndarray:
-  """Our-layout slice `index` (a tuple of slices over `shape`) of one param, from HF tensors."""
+  """Our-layout slice `index` (a tuple of slices over `shape`) of one param, from HF tensors.
+
+  The slice is allocated once in the HF layout (zeros: vocabulary padding rows stay zero), each HF
+  tensor's byte ranges are read straight into it (cast on the way), and a transposed *view* is
+  returned for `[out, in]` weights: device_put does the transpose. Beyond the result the process
+  holds this one slice and at most one read block (tensor_files.CHUNK_BYTES).
+  """
   bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+  layers: list = [None]
   if leaf.stacked:
-    layers, bounds = range(*bounds[0]), bounds[1:]
+    layers, bounds = list(range(*bounds[0])), bounds[1:]
   real = list(bounds)
   if leaf.vocab_axis is not None:
     lo, hi = bounds[leaf.vocab_axis]
     real[leaf.vocab_axis] = (min(lo, cfg.vocab_size), min(hi, cfg.vocab_size))
-  ours = tuple(slice(lo, hi) for lo, hi in real)
-  theirs = ours[::-1] if leaf.transpose else ours
-  pad = [(0, (hi - lo) - (rhi - rlo)) for (lo, hi), (rlo, rhi) in zip(bounds, real)]
-
-  def one(key):
-    array = source.read(key, theirs)
-    array = array.T if leaf.transpose else array
-    array = np.pad(array, pad) if any(p for _, p in pad) else array
-    return array.astype(dtype, copy=False)
-
-  if leaf.stacked:
-    return np.stack([one(leaf.hf_key.format(layer=layer)) for layer in layers])
-  return one(leaf.hf_key)
+  theirs = [slice(lo, hi) for lo, hi in real]
+  inner = [hi - lo for lo, hi in bounds]
+  if leaf.transpose:
+    theirs, inner = theirs[::-1], inner[::-1]
+  # [layers?, *HF layout of the slice]; the vocabulary axis is the leading HF axis, so the real
+  # rows are a leading (contiguous) part of it.
+  out = np.zeros(([len(layers)] if leaf.stacked else []) + inner, dtype)
+  real_rows = tuple(s.stop - s.start for s in theirs)
+  for i, layer in enumerate(layers):
+    key = leaf.hf_key if layer is None else leaf.hf_key.format(layer=layer)
+    dest = out if layer is None else out[i]
+    if real_rows and real_rows[0] < dest.shape[0]:
+      dest = dest[:real_rows[0]]
+    source.read_into(key, tuple(theirs), dest)
+  return np.swapaxes(out, -1, -2) if leaf.transpose else out
 
 
 def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
             rules=shd.DEFAULT_RULES) -> tuple[LlamaConfig, Any]:
-  """Loads a local HF LLaMA directory into params sharded on `mesh` (one device when None).
+  """Loads a HF LLaMA directory (local or `gs://...`) into params sharded on `mesh` (one device
+  when None).
 
   dtype: param dtype (default: the config's param_dtype, float32). The vocabulary is padded to a
   multiple of 128 x the mesh axes that shard it. Returns (cfg, params) with plain jax arrays.

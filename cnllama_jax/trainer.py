@@ -12,12 +12,13 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 
 import jax
 import numpy as np
 
-from cnllama_jax import checkpoint, experiment, flops, lora as lora_lib
+from cnllama_jax import checkpoint, experiment, flops, lora as lora_lib, paths
 from cnllama_jax import preemption as preemption_lib, sharding as shd
 from cnllama_jax.data import Loader
 
@@ -48,57 +49,79 @@ def evaluate(run: experiment.Run, loader: Loader, num_batches: int) -> dict:
           "eval_perplexity": float(np.exp(min(loss, 50.0)))}
 
 
+class _TensorBoard:
+  """tensorboardX events in <workdir>/tensorboard. On a bucket the events are written to a local
+  temp dir and copied up on flush (at most every `sync_seconds`) and on close: tensorboardX's own
+  gs:// writer needs google-cloud-storage, and an object cannot be appended to."""
+
+  def __init__(self, workdir: str, sync_seconds: float = 60.0):
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.remote = paths.join(workdir, "tensorboard")
+    self.local = self.remote if paths.is_local(self.remote) else tempfile.mkdtemp(
+        prefix="cnllama-tensorboard-")
+    self.writer = SummaryWriter(self.local)
+    self.sync_seconds, self._synced = sync_seconds, time.monotonic()
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self.writer.add_scalar(tag, value, step)
+
+  def flush(self, force: bool = False) -> None:
+    if self.local == self.remote:
+      return
+    if force or time.monotonic() - self._synced >= self.sync_seconds:
+      self.writer.flush()
+      paths.copy_tree(self.local, self.remote)
+      self._synced = time.monotonic()
+
+  def close(self) -> None:
+    self.writer.close()
+    self.flush(force=True)
+
+
 def _writer(workdir: str):
-  if jax.process_index() != 0:
-    return None
-  from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-  return SummaryWriter(os.path.join(workdir, "tensorboard"))
+  return _TensorBoard(workdir) if paths.is_writer() else None
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Creates the workdir and proves it is writable (a one-line CheckpointError if not)."""
-  probe = os.path.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
+  """Creates the workdir (local or gs://) and proves it is writable (a one-line CheckpointError
+  if not; a missing bucket is never created)."""
+  probe = paths.join(workdir, f".write_test.{jax.process_index()}.{os.getpid()}")
+  if not paths.is_local(workdir) and not paths.exists(f"{workdir.split('://')[0]}://"
+                                                      f"{paths.bucket_of(workdir)}"):
+    raise checkpoint.CheckpointError(str(paths.missing(workdir, "cannot use it as the workdir")))
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, "w", encoding="utf-8") as f:
-      f.write("ok")
-    os.remove(probe)
+    paths.makedirs(workdir)
+    paths.write_text(probe, "ok")
+    paths.path(probe).unlink()
   except OSError as err:
     raise checkpoint.CheckpointError(f"workdir {workdir} is not writable: "
-                                     f"{err.strerror or err}") from None
+                                     f"{' '.join(str(err.strerror or err).split())}") from None
 
 
 def check_paths(config) -> None:
   """Every path the config names exists (checked before anything is built)."""
-  paths = [("base_model", config.base_model), ("tokenizer", config.tokenizer)]
+  named = [("base_model", config.base_model), ("tokenizer", config.tokenizer)]
   if config.data.kind in ("text", "sft"):
-    paths.append(("data.path", config.data.path))
-  for key, value in paths:
+    named.append(("data.path", config.data.path))
+  for key, value in named:
     for path in [value] if isinstance(value, (str, os.PathLike)) else list(value or ()):
-      if path and not os.path.exists(path):
-        raise FileNotFoundError(f"config.{key}={path}: no such file or directory")
+      if path and not paths.exists(path):
+        raise FileNotFoundError(f"config.{key}={paths.missing(path)}")
 
 
 def load_history(workdir: str, up_to_step: int) -> list[dict]:
   """The logged metrics of steps <= up_to_step (a resumed run drops the lines of lost steps)."""
-  path = os.path.join(workdir, HISTORY)
-  if not os.path.exists(path):
+  path = paths.join(workdir, HISTORY)
+  if not paths.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
   return [r for r in rows if r.get("step", 0) <= up_to_step]
 
 
 def _write_history(workdir: str, rows: list[dict]) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, HISTORY), "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-def _append_history(workdir: str, row: dict) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, HISTORY), "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+  """Rewrites metrics.jsonl whole (objects cannot be appended to; the file is small)."""
+  if paths.is_writer():
+    paths.write_text(paths.join(workdir, HISTORY), "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class _FiniteCheck:
@@ -135,9 +158,8 @@ def fit(config, workdir: str, mesh=None, base=None) -> dict:
   with preemption_lib.Preemption() as preemption:  # SIGTERM from here on saves and stops
     check_paths(config)
     prepare_workdir(workdir)
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if paths.is_writer():
+      paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     run = experiment.build(config, mesh, base)
     logging.info("mesh %s; model %s; LoRA %s; trainable %s", dict(run.mesh.shape), run.cfg,
                  run.lora, config.train.trainable)
@@ -187,7 +209,7 @@ def _train(config, workdir: str, run: experiment.Run, checkpoints: checkpoint.Ch
         metrics.update(step=done, tokens_per_s=tokens_per_s,
                        mfu=tokens_per_s * flops_per_token / peak)
         history.append(metrics)
-        _append_history(workdir, metrics)
+        _write_history(workdir, history)
         print(f"step {done}/{total} loss {metrics['loss']:.4f} "
               f"acc {metrics['accuracy']:.3f} lr {metrics['learning_rate']:.2e} "
               f"grad_norm {metrics['grad_norm']:.3f} tokens/s {tokens_per_s:,.0f} "
@@ -195,6 +217,7 @@ def _train(config, workdir: str, run: experiment.Run, checkpoints: checkpoint.Ch
         if writer:
           for key, value in metrics.items():
             writer.add_scalar(f"train/{key}", value, done)
+          writer.flush()
         window_start, window_tokens = time.perf_counter(), 0
       stop = preemption.reached(done)
       if (save_every and done % save_every == 0) or done == total or stop:
@@ -221,7 +244,7 @@ def _train(config, workdir: str, run: experiment.Run, checkpoints: checkpoint.Ch
     if writer:
       writer.close()
   run.state = state
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.json"), "w", encoding="utf-8") as f:
-      json.dump({"history": history, "eval": result}, f, indent=1)
+  if paths.is_writer():
+    paths.write_text(paths.join(workdir, "metrics.json"),
+                     json.dumps({"history": history, "eval": result}, indent=1))
   return {"run": run, "history": history, "eval": result, "preempted": preempted}

@@ -22,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cnllama_jax import adapters, checkpoint, cli, export, hf, lora as lora_lib  # noqa: E402
+from cnllama_jax import adapters, checkpoint, cli, export, hf, lora as lora_lib, paths  # noqa: E402
 
 FORMATS = ("hf", "meta", "peft")
 
@@ -60,7 +60,7 @@ def _tokenizer_dir(args) -> str | None:
   if args.tokenizer:
     return args.tokenizer
   for directory in [*reversed(args.lora), args.base]:
-    if any(os.path.isfile(os.path.join(directory, n)) for n in export.TOKENIZER_FILES):
+    if any(paths.isfile(paths.join(directory, n)) for n in export.TOKENIZER_FILES):
       return directory
   return None
 
@@ -70,12 +70,11 @@ def _from_workdir(workdir: str):
   rebuilt from the config.json the run saved (its base model and tokenizer paths must resolve)."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from cnllama_jax import experiment  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.isfile(path):
     raise FileNotFoundError(f"--workdir {workdir}: no config.json; expected a launch/train.py "
                             "workdir")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
   run_ = experiment.build(config)
   checkpoints = checkpoint.Checkpoints(workdir, config, run_,
                                        checkpoint.base_source(config, False), async_save=False)
@@ -110,8 +109,8 @@ def run(args) -> str:
   if args.command == "export":
     args.base = args.checkpoint
   for flag, path in [("--base/--checkpoint", args.base)] + [("--lora", p) for p in args.lora]:
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"{flag} {path}: no such directory")
+    if not paths.isdir(path):
+      raise FileNotFoundError(f"{flag} {paths.missing(path, 'no such directory')}")
   if args.format == "peft" and len(args.lora) != 1:
     raise ValueError(f"--format peft exports one LoRA; got {len(args.lora)} --lora")
   cfg, params = hf.load_hf(args.base, dtype=args.load_dtype)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from cnllama_jax import checkpoint, cli, experiment, pipeline, trainer  # noqa: E402
+from cnllama_jax import checkpoint, cli, experiment, paths, pipeline, trainer  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
@@ -116,6 +116,7 @@ def _main(argv) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (logs, config and checkpoints go there)")
   maybe_initialize_distributed()
+  paths.tag_logs_with_process()
   if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
     pipeline.run(config, _WORKDIR.value, verbose=_VERBOSE.value)
   else:

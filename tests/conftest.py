@@ -17,3 +17,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fixtures_dir() -> str:
   """Shared fixtures (real tokenizers); `CNLLAMA_FIXTURES` overrides ../shared/fixtures."""
   return os.environ.get("CNLLAMA_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on 127.0.0.1 for the session, with tensorstore and gcsfs pointed at it
+  (tests/gcs_emulator.py); skips when the fake-gcs-server binary cannot start."""
+  from tests import gcs_emulator
+  try:
+    emulator = gcs_emulator.Emulator().start()
+  except (RuntimeError, OSError) as err:
+    pytest.skip(f"no GCS emulator: {err}")
+  saved = {k: os.environ.get(k) for k in emulator.env()}
+  os.environ.update(emulator.env())
+  yield emulator
+  emulator.stop()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value

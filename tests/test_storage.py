@@ -1,0 +1,235 @@
+"""Every path may be gs://: inputs, outputs and checkpoints against a GCS emulator on loopback
+(the `gcs` fixture in conftest.py; no network)."""
+import os
+
+import numpy as np
+import pytest
+
+import cnllama_jax
+from cnllama_jax import paths, tensor_files
+from tests import hf_models
+
+
+def _upload(local: str, url: str) -> str:
+  paths.copy_tree(local, url)
+  return url
+
+
+def _leaves(params) -> dict:
+  import jax
+  return {jax.tree_util.keystr(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+# --- the path layer ------------------------------------------------------------------------------
+
+def test_read_into_reads_exactly_the_byte_range_locally_and_from_a_bucket(gcs, tmp_path):
+  data = np.arange(1000, dtype=np.uint8).tobytes()
+  (tmp_path / "f").write_bytes(data)
+  url = gcs.bucket() + "/dir/f"
+  paths.write_bytes(url, data)
+  for where in (str(tmp_path / "f"), url):
+    assert paths.size(where) == 1000
+    assert paths.read_range(where, 10, 5) == data[10:15]
+    with pytest.raises(ValueError, match="truncated"):
+      paths.read_range(where, 990, 20)
+
+
+def test_missing_bucket_and_missing_object_are_one_line_errors_naming_the_url(gcs):
+  bucket = gcs.bucket()
+  with pytest.raises(FileNotFoundError) as err:
+    paths.read_text("gs://no-such-bucket-x/config.json")
+  assert str(err.value).startswith("gs://no-such-bucket-x/config.json: bucket gs://no-such-bucket-x "
+                                   "does not exist")
+  assert "\n" not in str(err.value)
+  with pytest.raises(FileNotFoundError, match=f"^{bucket}/nothing: no such file") as err:
+    paths.read_text(f"{bucket}/nothing")
+  assert "\n" not in str(err.value)
+
+
+def test_publish_dir_on_a_bucket_is_marked_incomplete_until_done_and_refuses_to_overwrite(gcs):
+  out = gcs.bucket() + "/export"
+  with pytest.raises(RuntimeError, match="crash"):
+    with paths.publish_dir(out) as tmp:
+      paths.write_text(paths.join(tmp, "a.txt"), "a")
+      raise RuntimeError("crash")
+  with pytest.raises(ValueError, match=f"^{out}: incomplete"):
+    paths.check_complete(out)
+  with paths.publish_dir(out, overwrite=True) as tmp:
+    paths.write_text(paths.join(tmp, "b.txt"), "b")
+  paths.check_complete(out)
+  assert paths.listdir(out) == ["b.txt"]
+  with pytest.raises(FileExistsError, match=f"^{out}: already exists and is not empty"):
+    with paths.publish_dir(out) as tmp:
+      pass
+  assert paths.read_text(paths.join(out, "b.txt")) == "b"
+
+
+# --- the base model from a bucket ----------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["sharded", "bin-sharded"])
+def test_load_hf_from_a_bucket_equals_the_local_load_bitwise(gcs, tmp_path, layout):
+  import jax
+  from jax.sharding import Mesh
+  model = hf_models.make_hf_llama(seed=11, num_key_value_heads=2)
+  local = hf_models.save(model, str(tmp_path / layout), layout)
+  url = _upload(local, gcs.bucket() + "/base")
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  cfg_local, local_params = cnllama_jax.load_hf(local, mesh=mesh)
+  cfg_gcs, gcs_params = cnllama_jax.load_hf(url, mesh=mesh)
+  assert cfg_local == cfg_gcs
+  ours, theirs = _leaves(local_params), _leaves(gcs_params)
+  assert sorted(ours) == sorted(theirs)
+  for key, value in ours.items():
+    assert value.dtype == theirs[key].dtype and np.array_equal(value, theirs[key]), key
+
+
+def test_import_reads_each_byte_of_the_weights_at_most_once_with_ranged_reads(gcs, tmp_path,
+                                                                               monkeypatch):
+  model = hf_models.make_hf_llama(seed=12)
+  local = hf_models.save(model, str(tmp_path / "m"), "sharded")
+  url = _upload(local, gcs.bucket() + "/base")
+  weights = [n for n in paths.listdir(url) if n.endswith(".safetensors")]
+  total = sum(paths.size(paths.join(url, n)) for n in weights)
+  largest = max(paths.size(paths.join(url, n)) for n in weights)
+  reads = []
+  real = paths.read_into
+
+  def counting(where, offset, out):
+    reads.append((where, out.nbytes))
+    return real(where, offset, out)
+
+  monkeypatch.setattr(paths, "read_into", counting)
+  cnllama_jax.load_hf(url)
+  data = [n for w, n in reads if w.endswith(".safetensors")]
+  assert all(w.startswith(url) for w, _ in reads)
+  assert sum(data) <= total  # every tensor once (headers included), no full downloads
+  assert max(data) < largest  # never a whole shard in one read
+  assert len(weights) > 2
+
+
+def test_a_base_dir_without_config_json_is_a_one_line_error_naming_the_url(gcs, tmp_path):
+  model = hf_models.make_hf_llama(seed=13)
+  local = hf_models.save(model, str(tmp_path / "m"), "safetensors")
+  os.remove(os.path.join(local, "config.json"))
+  url = _upload(local, gcs.bucket() + "/base")
+  with pytest.raises(FileNotFoundError, match=f"^{url}/config.json: no config.json") as err:
+    cnllama_jax.load_hf(url)
+  assert "\n" not in str(err.value)
+  with pytest.raises(FileNotFoundError, match="^gs://missing-bucket-y/base/config.json: bucket"):
+    cnllama_jax.load_hf("gs://missing-bucket-y/base")
+
+
+def test_weight_source_reads_column_slices_of_bf16_and_bin_tensors(tmp_path):
+  import torch
+  model = hf_models.make_hf_llama(seed=14).to(torch.bfloat16)
+  for layout in ("safetensors", "bin"):
+    source = tensor_files.open_weights(hf_models.save(model, str(tmp_path / layout), layout))
+    key = "model.layers.1.mlp.down_proj.weight"  # [hidden, intermediate]
+    full = model.state_dict()[key].float().numpy()
+    out = np.empty((10, 30), np.float32)
+    source.read_into(key, (slice(5, 15), slice(100, 130)), out)
+    assert np.array_equal(out, full[5:15, 100:130]), layout
+
+
+# --- exports to a bucket -------------------------------------------------------------------------
+
+def _max_diff(a, b) -> float:
+  return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def test_hf_and_peft_exports_to_a_bucket_load_in_transformers_and_peft(gcs, tmp_path):
+  import jax
+  import peft
+  import transformers
+  from cnllama_jax import adapters, export, lora as lora_lib
+  model = hf_models.make_hf_llama(seed=21, num_key_value_heads=2)
+  cfg, params = cnllama_jax.load_hf(hf_models.save(model, str(tmp_path / "base"), "safetensors"))
+  bucket = gcs.bucket()
+  ids = np.random.default_rng(0).integers(0, 99, size=(2, 9)).astype(np.int32)
+
+  export.save_hf(cfg, params, f"{bucket}/hf", max_shard_bytes=60_000)
+  assert paths.exists(f"{bucket}/hf/model.safetensors.index.json")
+  assert not paths.exists(f"{bucket}/hf/{paths.INCOMPLETE}")
+  paths.copy_tree(f"{bucket}/hf", str(tmp_path / "hf"))
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+  assert _max_diff(cnllama_jax.logits(cfg, params, ids), hf_models.hf_logits(loaded, ids)) <= 1e-4
+
+  lora = lora_lib.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"))
+  tree = lora_lib.init_adapters(cfg, lora, jax.random.key(0))
+  tree = jax.tree_util.tree_map_with_path(
+      lambda p, x: 0.05 * jax.random.normal(jax.random.key(1), x.shape)
+      if p[-1].key == "lora_b" else x, tree)
+  with_lora = lora_lib.combine(params, tree)
+  adapters.save_peft(cfg, with_lora, lora, f"{bucket}/peft", modules_to_save=())
+  paths.copy_tree(f"{bucket}/peft", str(tmp_path / "peft"))
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / "peft")).eval()
+  assert _max_diff(cnllama_jax.logits(cfg, with_lora, ids, lora=lora),
+                   hf_models.hf_logits(peft_model, ids)) <= 1e-4
+  assert adapters.load_peft(f"{bucket}/peft")[0] == lora  # and read back from the bucket
+
+
+def test_export_over_an_existing_one_on_a_bucket_is_refused_and_keeps_it(gcs, tmp_path):
+  from cnllama_jax import export
+  model = hf_models.make_hf_llama(seed=22)
+  cfg, params = cnllama_jax.load_hf(hf_models.save(model, str(tmp_path / "base"), "safetensors"))
+  out = gcs.bucket() + "/hf"
+  export.save_hf(cfg, params, out)
+  before = {n: paths.read_bytes(paths.join(out, n)) for n in paths.listdir(out)}
+  with pytest.raises(FileExistsError, match=f"^{out}: already exists and is not empty") as err:
+    export.save_hf(cfg, params, out, dtype="bfloat16")
+  assert "\n" not in str(err.value)
+  assert {n: paths.read_bytes(paths.join(out, n)) for n in paths.listdir(out)} == before
+
+
+# --- training with the workdir on a bucket -------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "tests", "checkpoint_config.py")
+
+
+def _losses(workdir) -> dict[int, float]:
+  import json
+  from cnllama_jax import trainer
+  text = paths.read_text(paths.join(workdir, trainer.HISTORY))
+  return {row["step"]: row["loss"] for row in map(json.loads, text.splitlines())}
+
+
+def test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_identical_losses(gcs, tmp_path):
+  import signal
+  import subprocess
+  import sys
+  from cnllama_jax import checkpoint, trainer
+  from tests import checkpoint_config
+  bucket = gcs.bucket()
+  reference = f"{bucket}/reference"
+  trainer.fit(checkpoint_config.get_config(), reference)
+  assert paths.exists(f"{reference}/config.json") and paths.exists(f"{reference}/metrics.json")
+  assert any(n.startswith("events.out") for n in paths.listdir(f"{reference}/tensorboard"))
+  workdir = f"{bucket}/killed"
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "launch", "train.py"), f"--config={CONFIG}",
+       f"--workdir={workdir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      cwd=REPO)
+  for line in proc.stdout:  # past the checkpoint of step 6
+    if line.startswith("step 8/"):
+      break
+  proc.kill()
+  _, err = proc.communicate()
+  assert proc.returncode == -signal.SIGKILL, err[-2000:]
+  saved = sorted(int(n) for n in paths.listdir(f"{workdir}/{checkpoint.SUBDIR}") if n.isdigit())
+  assert saved and max(saved) < 12
+  trainer.fit(checkpoint_config.get_config(), workdir)
+  assert _losses(workdir) == _losses(reference)
+  assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local folder 'gs:'
+
+
+def test_a_workdir_in_a_missing_bucket_is_a_one_line_error(gcs):
+  from cnllama_jax import checkpoint, trainer
+  from tests import checkpoint_config
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="^gs://no-such-bucket-z/run: bucket gs://no-such-bucket-z does not "
+                           "exist") as err:
+    trainer.fit(checkpoint_config.get_config(), "gs://no-such-bucket-z/run")
+  assert "\n" not in str(err.value)
+  assert not paths.exists("gs://no-such-bucket-z")
