@@ -297,5 +297,5 @@ def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
     if name == "stage1":  # the new rows started as their sub-piece means
       embed = np.asarray(jax.device_get(run.state.trainable["embed_tokens"]))
       assert embed.shape[0] % 128 == 0 and not embed[result.num_pieces:].any()
-    previous = pipeline._trained_params(out)  # pylint: disable=protected-access
+    previous = pipeline.trained_params(out)
   assert set(first_loss) == {"stage1", "sft"}
