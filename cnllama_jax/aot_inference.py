@@ -67,8 +67,11 @@ class InferenceReport:
                  f"  {p.name}: arguments {gib(p.argument_bytes)}, temporaries {gib(p.temp_bytes)}"
                  f", outputs {gib(p.output_bytes)} (aliased {gib(p.alias_bytes)}), total "
                  f"{gib(p.total_bytes)}")
-    out.append(f"  peak {gib(self.peak_bytes)} of {gib(self.hbm_bytes)} HBM per chip: "
-               f"{'fits' if self.fits else 'DOES NOT FIT'}")
+    if any(p.oom for p in self.programs):
+      out.append(f"  DOES NOT FIT in {gib(self.hbm_bytes)} HBM per chip")
+    else:
+      out.append(f"  peak {gib(self.peak_bytes)} of {gib(self.hbm_bytes)} HBM per chip: "
+                 f"{'fits' if self.fits else 'DOES NOT FIT'}")
     return out
 
 
