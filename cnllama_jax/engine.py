@@ -36,6 +36,7 @@ from cnllama_jax.config import LlamaConfig
 from cnllama_jax.lora import LoraConfig
 
 Array = jax.Array
+CANDIDATES = 64  # rows with 0 < top_k <= this draw among the top candidates only (no full sort)
 
 
 @dataclasses.dataclass(eq=False)
@@ -60,10 +61,26 @@ def sample_rows(logits: Array, seen: Array, temperature: Array, top_k: Array, to
                 penalty: Array, keys: Array) -> Array:
   """generate.next_tokens with a setting per row. logits [rows, vocab] fp32, seen [rows, vocab]
   bool, temperature/top_p/penalty [rows] f32, top_k [rows] int32 (0: off), keys [rows] typed keys.
-  Returns ids [rows] int32."""
+  Returns ids [rows] int32. As in generate.next_tokens, when every sampling row has
+  0 < top_k <= CANDIDATES the draw is among the top-k candidates (ties beyond k not included);
+  otherwise over the whole vocabulary after one full sort (top_k 0 or large)."""
   penalty = penalty[:, None]
   logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  scaled_all = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+
+  def draw_candidates():  # every sampled row has 0 < top_k <= CANDIDATES: no full sort
+    k = min(CANDIDATES, logits.shape[-1])
+    top, ids = jax.lax.top_k(scaled_all, k)  # [rows, k], descending
+    ranks = jnp.arange(k)[None, :]
+    top = jnp.where(ranks < top_k[:, None], top, -jnp.inf)
+    probs = jax.nn.softmax(top, axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs
+    top = jnp.where((above < top_p[:, None]) | (ranks == 0), top, -jnp.inf)
+    choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, top)
+    drawn = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
   def draw():
     vocab = logits.shape[-1]
@@ -82,7 +99,9 @@ def sample_rows(logits: Array, seen: Array, temperature: Array, top_k: Array, to
     drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, scaled)
     return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
 
-  return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy, draw)
+  small_k = jnp.all((temperature == 0) | ((top_k > 0) & (top_k <= CANDIDATES)))
+  return jax.lax.cond(jnp.all(temperature == 0), lambda: greedy,
+                      lambda: jax.lax.cond(small_k, draw_candidates, draw))
 
 
 # --- the jitted programs -------------------------------------------------------------------------

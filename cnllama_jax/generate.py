@@ -96,10 +96,24 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
 
 
 def next_tokens(logits: Array, seen: Array, sampling: Sampling, key: Array) -> Array:
-  """logits [batch, vocab] (real vocabulary only), seen [batch, vocab] bool -> ids [batch] int32."""
+  """logits [batch, vocab] (real vocabulary only), seen [batch, vocab] bool -> ids [batch] int32.
+
+  With top-k on, the draw is made among the k candidates only (top-p applied to them, then one
+  categorical draw over k values instead of the whole vocabulary): the distribution of
+  `filter_logits`, except that ids tied with the k-th logit beyond k are not candidates."""
   logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if 0 < sampling.top_k < logits.shape[-1]:
+    top, ids = jax.lax.top_k(logits, sampling.top_k)  # [batch, k], descending
+    top = top / sampling.temperature
+    if sampling.top_p < 1.0:
+      probs = jax.nn.softmax(top, axis=-1)
+      above = jnp.cumsum(probs, axis=-1) - probs  # mass of the candidates ranked above each
+      keep = (above < sampling.top_p) | (jnp.arange(top.shape[-1]) == 0)
+      top = jnp.where(keep, top, -jnp.inf)
+    choice = jax.random.categorical(key, top, axis=-1)  # [batch]
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
   logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 

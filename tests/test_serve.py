@@ -224,3 +224,21 @@ def test_per_row_sampling_with_top_k_1_is_greedy_and_top_k_keeps_ties():
       logits, seen, f32(5.0, 0.0), np.asarray([2, 0], np.int32), f32(1.0, 1.0), f32(1.0, 1.0),
       jax.random.split(jax.random.key(i), 2)))[0]) for i in range(40)}
   assert draws == {1, 2}  # the two tied ids, nothing else, at a high temperature
+
+
+@pytest.mark.parametrize("top_k, kept", [
+    (3, [0, 1]),  # renormalised over the top 3: 0.556 + 0.333 already >= 0.85 (as filter_logits)
+    (0, [0, 1, 2]),  # over the whole vocabulary: 0.5 + 0.3 < 0.85, + 0.1 reaches it
+])
+def test_per_row_sampling_draws_only_within_top_k_and_top_p(top_k, kept):
+  import jax
+  import numpy as np
+  probs = np.array([0.5, 0.3, 0.1, 0.06, 0.04], np.float32)
+  logits = np.log(np.stack([probs, probs[::-1]]))
+  seen = np.zeros_like(logits, bool)
+  f32 = lambda *v: np.asarray(v, np.float32)  # noqa: E731
+  draws = [np.asarray(engine_lib.sample_rows(
+      logits, seen, f32(1.0, 1.0), np.asarray([top_k, top_k], np.int32), f32(0.85, 0.85),
+      f32(1.0, 1.0), jax.random.split(jax.random.key(i), 2))) for i in range(60)]
+  assert sorted({int(d[0]) for d in draws}) == kept  # row 1 is the mirror image
+  assert sorted({4 - int(d[1]) for d in draws}) == kept
