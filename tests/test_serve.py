@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import pytest
 import sentencepiece as spm
 
@@ -21,6 +22,7 @@ from tests import hf_models
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 CONTEXT = 160
+_sample_rows = jax.jit(engine_lib.sample_rows)  # once for all its tests (eager lax.cond is slow)
 PROMPTS = ["今天天气很好", "The quick brown fox", "我们一起学习机器翻译", "Hello", "北京是中国的首都",
            "A model of language", "数据", "Tokenizers split text into pieces"]
 
@@ -217,10 +219,10 @@ def test_per_row_sampling_with_top_k_1_is_greedy_and_top_k_keeps_ties():
   seen = np.zeros_like(logits, bool)
   keys = jax.random.split(jax.random.key(0), 2)
   f32 = lambda *v: np.asarray(v, np.float32)  # noqa: E731
-  out = engine_lib.sample_rows(logits, seen, f32(0.7, 0.7), np.asarray([2, 1], np.int32),
+  out = _sample_rows(logits, seen, f32(0.7, 0.7), np.asarray([2, 1], np.int32),
                                f32(1.0, 1.0), f32(1.0, 1.0), keys)
   assert np.asarray(out)[0] in (1, 2) and np.asarray(out)[1] == 0
-  draws = {int(np.asarray(engine_lib.sample_rows(
+  draws = {int(np.asarray(_sample_rows(
       logits, seen, f32(5.0, 0.0), np.asarray([2, 0], np.int32), f32(1.0, 1.0), f32(1.0, 1.0),
       jax.random.split(jax.random.key(i), 2)))[0]) for i in range(40)}
   assert draws == {1, 2}  # the two tied ids, nothing else, at a high temperature
@@ -237,7 +239,7 @@ def test_per_row_sampling_draws_only_within_top_k_and_top_p(top_k, kept):
   logits = np.log(np.stack([probs, probs[::-1]]))
   seen = np.zeros_like(logits, bool)
   f32 = lambda *v: np.asarray(v, np.float32)  # noqa: E731
-  draws = [np.asarray(engine_lib.sample_rows(
+  draws = [np.asarray(_sample_rows(
       logits, seen, f32(1.0, 1.0), np.asarray([top_k, top_k], np.int32), f32(0.85, 0.85),
       f32(1.0, 1.0), jax.random.split(jax.random.key(i), 2))) for i in range(60)]
   assert sorted({int(d[0]) for d in draws}) == kept  # row 1 is the mirror image
