@@ -2,9 +2,10 @@
 
     /work/venv/bin/python bench/generate.py [--new_tokens 128] [--models tiny,mid] [--repeats 3]
 
-For each model (random weights, fp32, batch 1, the paper's sampling settings): decode tokens/s of
-ours and of transformers (median time between streamed tokens, compile excluded), and our
-per-token time at context 64 vs 448 with one fixed 512-slot cache (flat: same compiled step).
+For each model (random weights, fp32, the paper's sampling settings): batch-1 decode tokens/s of
+ours and of transformers (median time between streamed tokens, compile excluded); per-token time
+at context 64 vs 448 in one fixed 512-slot cache; and batch --batch (default 16) throughput in
+tokens/s (all rows' new tokens over the wall time of the whole generate call, prefill included).
 --threads 1 (default) runs both single-threaded (XLA without its Eigen pool, torch with one thread):
 on a shared machine, multi-threaded torch slows down several-fold under contention.
 """
@@ -69,12 +70,29 @@ def hf_step_times(model, prompt, new_tokens) -> list[float]:
   return list(np.diff(streamer.times[1:]))  # the first put() is the prompt
 
 
+def batch_throughput(cfg, params, model, prompts, new_tokens) -> tuple[float, float]:
+  """(ours, transformers) tokens/s generating new_tokens for every prompt (equal lengths)."""
+  import torch
+  from cnllama_jax.generate import generate
+  start = time.perf_counter()
+  generate(cfg, params, prompts, max_new_tokens=new_tokens, eos_id=-1, **SAMPLING)
+  ours = len(prompts) * new_tokens / (time.perf_counter() - start)
+  ids = torch.tensor(prompts)
+  start = time.perf_counter()
+  with torch.no_grad():
+    model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                   max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                   **SAMPLING)
+  return ours, len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--models", default="tiny,mid")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=1, help="0: each library's default")
+  parser.add_argument("--batch", type=int, default=16, help="rows of the throughput run")
   args = parser.parse_args()
   if args.threads == 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -118,6 +136,18 @@ def main() -> None:
     print(f"{name:5s} per-token at context 64 / 448:  ours {o64 * 1e3:.2f} / {o448 * 1e3:.2f} ms "
           f"(x{o448 / o64:.2f})   transformers {h64 * 1e3:.2f} / {h448 * 1e3:.2f} ms "
           f"(x{h448 / h64:.2f})")
+
+    prompts = [[1] + rng.integers(3, cfg.vocab_size, 63).tolist() for _ in range(args.batch)]
+    new = 64
+    batch_throughput(cfg, params, model, prompts, 4)  # compile / warm up
+    ours_tps, hf_tps = [], []
+    for _ in range(args.repeats):
+      o, h = batch_throughput(cfg, params, model, prompts, new)
+      ours_tps.append(o)
+      hf_tps.append(h)
+    o, h = np.median(ours_tps), np.median(hf_tps)
+    print(f"{name:5s} batch {args.batch} x {new} new tokens:  ours {o:8.1f} tok/s   "
+          f"transformers {h:8.1f} tok/s   ratio {o / h:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -284,11 +284,37 @@ def _option_scores(params, input_ids, attention_mask, option_ids, *, cfg, lora):
   return picked.reshape(option_ids.shape).sum(-1)  # [batch, 4]
 
 
-def model_scorer(cfg, params, lora=None) -> Scorer:
-  """The Scorer of a model: summed last-position logits of each option's token ids."""
+def model_scorer(cfg, params, lora=None, mesh=None, rules=None) -> Scorer:
+  """The Scorer of a model: summed last-position logits of each option's token ids.
+
+  mesh: score sharded as in training (params in the rules' layout, rows over the data axes,
+  scores returned replicated, so every host of a multi-host run gets them all)."""
+  if mesh is None:
+    def score(input_ids, attention_mask, option_ids):
+      return np.asarray(_option_scores(params, input_ids, attention_mask, option_ids, cfg=cfg,
+                                       lora=lora))
+    return score
+  from cnllama_jax import generate as gen, sharding as shd  # pylint: disable=import-outside-toplevel
+  rules = shd.normalize_rules(rules or shd.DEFAULT_RULES)
+  lora_cfg = lora or model.LoraConfig()
+  net = model.Llama(cfg, lora_cfg, mesh=mesh, rules=rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  placed = shd.place(params, gen.param_shardings(cfg, lora_cfg, mesh, rules))
+
+  @functools.lru_cache(maxsize=None)
+  def program(batch, length):
+    rows = shd.batch_sharding(mesh, rules, (batch, length))
+    def scores(p, ids, mask, options):
+      last = net.apply({"params": p}, ids, mask)[:, -1, :cfg.vocab_size]  # [batch, vocab]
+      flat = options.reshape(options.shape[0], -1)  # [batch, 4 * k]
+      return jnp.take_along_axis(last, flat, axis=-1).reshape(options.shape).sum(-1)
+    return rows, jax.jit(scores, out_shardings=replicated, in_shardings=(
+        gen.param_shardings(cfg, lora_cfg, mesh, rules), rows, rows, replicated))
+
   def score(input_ids, attention_mask, option_ids):
-    return np.asarray(_option_scores(params, input_ids, attention_mask, option_ids, cfg=cfg,
-                                     lora=lora))
+    rows, fn = program(*input_ids.shape)
+    return np.asarray(fn(placed, gen.to_global(input_ids, rows),
+                         gen.to_global(attention_mask, rows), gen.to_global(option_ids, replicated)))
   return score
 
 

@@ -1,12 +1,19 @@
-"""Generation: a jitted prefill and a jitted one-token decode step over a fixed-size KV cache.
+"""Generation: a jitted prefill and a jitted one-token decode step over a KV cache.
 
     state, first = prefill(prompts)            # writes the prompts' k/v, samples token 1
-    state, next  = decode_step(state)          # appends one token per row; called from Python
+    state, next  = decode(state, window)       # appends one token per row; called from Python
 
-The cache is one buffer of `max_len` slots (model.init_cache) allocated by the prefill and donated
-to every step, so a step never changes shape, never recompiles and costs the same at any context
-length. The loop dispatches step t+1 before reading step t's tokens, so the device never waits on
-the host, and each token can be streamed (`on_token`) as it arrives.
+The cache holds `max_len` slots (model.init_cache; default: padded prompt + new tokens rounded up
+to 128, so a call only pays for the context it needs). It is allocated by the prefill and donated
+to every step, so a step never changes shape and updates the cache in place. A step attends over
+the first `window` slots only (`window_size`: powers of two, so a few compilations per max_len);
+its cost follows the context, not the buffer. The loop dispatches step t+1 before reading step t's
+tokens, so the device never waits on the host, and each token can be streamed (`on_token`).
+
+Sharded (`mesh=`): the params keep the training layout (sharding.py's logical rules), prompts and
+the cache rows are split over the data axes and the cache's kv heads over `tensor`; prefill and
+decode are jitted with these shardings explicit, and the sampled tokens come back replicated, so
+every host of a multi-host run reads the same tokens.
 
 Prompts are left-padded to a multiple of `prompt_bucket` tokens (fewer prefill compilations);
 positions come from the attention mask, so padding changes nothing. Sampling follows `transformers`'
@@ -23,8 +30,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from cnllama_jax import model as model_lib
+from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
 from cnllama_jax.data.encode import PROMPT_TEMPLATE, build_prompt
 from cnllama_jax.lora import LoraConfig
@@ -87,10 +96,24 @@ def filter_logits(logits: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
 
 
 def next_tokens(logits: Array, seen: Array, sampling: Sampling, key: Array) -> Array:
-  """logits [batch, vocab] (real vocabulary only), seen [batch, vocab] bool -> ids [batch] int32."""
+  """logits [batch, vocab] (real vocabulary only), seen [batch, vocab] bool -> ids [batch] int32.
+
+  With top-k on, the draw is made among the k candidates only (top-p applied to them, then one
+  categorical draw over k values instead of the whole vocabulary): the distribution of
+  `filter_logits`, except that ids tied with the k-th logit beyond k are not candidates."""
   logits = apply_repetition_penalty(logits.astype(jnp.float32), seen, sampling.repetition_penalty)
   if sampling.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if 0 < sampling.top_k < logits.shape[-1]:
+    top, ids = jax.lax.top_k(logits, sampling.top_k)  # [batch, k], descending
+    top = top / sampling.temperature
+    if sampling.top_p < 1.0:
+      probs = jax.nn.softmax(top, axis=-1)
+      above = jnp.cumsum(probs, axis=-1) - probs  # mass of the candidates ranked above each
+      keep = (above < sampling.top_p) | (jnp.arange(top.shape[-1]) == 0)
+      top = jnp.where(keep, top, -jnp.inf)
+    choice = jax.random.categorical(key, top, axis=-1)  # [batch]
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
   logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
@@ -104,33 +127,76 @@ def _record(state: dict, tokens: Array, eos_id: Array) -> dict:
               done=state["done"] | (tokens == eos_id), step=state["step"] + 1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _prefill(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, max_len: int, params,
-             ids: Array, mask: Array, rng: Array, eos_id: Array) -> tuple[dict, Array]:
-  """ids, mask: [batch, prompt] left-padded. Returns the decode state and the first tokens."""
-  batch = ids.shape[0]
-  cache = model_lib.init_cache(cfg, batch, max_len)
-  logits, cache = model_lib.Llama(cfg, lora).apply({"params": params}, ids, mask, cache=cache,
-                                                   last_only=True)  # [batch, 1, padded_vocab]
-  seen = jnp.zeros((batch, cfg.vocab_size), jnp.int32)
-  seen = seen.at[jnp.arange(batch)[:, None], ids].add(mask) > 0  # prompt ids, padding excluded
-  tokens = next_tokens(logits[:, 0, :cfg.vocab_size], seen, sampling, jax.random.fold_in(rng, 0))
-  state = dict(cache=cache, seen=seen, done=jnp.zeros((batch,), bool), step=jnp.int32(0))
-  state = _record(state, tokens, eos_id)
-  return state, tokens
+def window_size(filled: int, max_len: int, smallest: int = 256) -> int:
+  """Cache slots a decode step attends over when `filled` slots are in use: the next power of two
+  (at least `smallest`), capped at max_len. Few distinct sizes, so few decode compilations, and the
+  attention cost follows the context rather than the buffer."""
+  return min(max_len, max(smallest, 1 << max(filled - 1, 0).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def _decode_step(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, params, state: dict,
-                 rng: Array, eos_id: Array) -> tuple[dict, Array]:
-  """Feeds each row's last token, returns the next ones [batch] (EOS again for finished rows)."""
-  last = state["tokens"][:, None]  # [batch, 1]
-  logits, cache = model_lib.Llama(cfg, lora).apply(
-      {"params": params}, last, jnp.ones_like(last), cache=state["cache"])
-  tokens = next_tokens(logits[:, 0, :cfg.vocab_size], state["seen"], sampling,
-                       jax.random.fold_in(rng, state["step"]))
-  tokens = jnp.where(state["done"], jnp.maximum(eos_id, 0), tokens)
-  return _record(dict(state, cache=cache), tokens, eos_id), tokens
+def state_shardings(cfg: LlamaConfig, batch: int, max_len: int, mesh, rules) -> dict:
+  """NamedShardings of the decode state: cache rows over the batch axes, kv heads over `tensor`."""
+  spec = lambda axes, shape: NamedSharding(  # noqa: E731
+      mesh, shd.logical_to_spec(axes, rules, mesh, shape))
+  kv_shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+  rows = spec(("activation_batch",), (batch,))
+  return dict(cache=dict(k=spec(model_lib.CACHE_AXES, kv_shape),
+                         v=spec(model_lib.CACHE_AXES, kv_shape),
+                         mask=spec(shd.BATCH, (batch, max_len)), index=rows),
+              seen=spec(("activation_batch", None), (batch, cfg.vocab_size)), done=rows,
+              step=NamedSharding(mesh, PartitionSpec()), tokens=rows)
+
+
+def param_shardings(cfg: LlamaConfig, lora: LoraConfig, mesh, rules) -> Any:
+  """The training layout of the params (model.abstract_params + sharding rules) on `mesh`."""
+  return shd.param_shardings(model_lib.abstract_params(cfg, lora), mesh, rules)
+
+
+@functools.lru_cache(maxsize=64)
+def _programs(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, max_len: int, batch: int,
+              mesh, rules) -> tuple[Callable, Callable]:
+  """(prefill, decode(window)) jitted for one shape; with a mesh, with explicit shardings."""
+  model = model_lib.Llama(cfg, lora, mesh=mesh, rules=rules)
+
+  def prefill(params, ids, mask, rng, eos_id):
+    """ids, mask: [batch, prompt] left-padded. Returns the decode state and the first tokens."""
+    cache = model_lib.init_cache(cfg, batch, max_len)
+    logits, cache = model.apply({"params": params}, ids, mask, cache=cache, last_only=True,
+                                window=ids.shape[1])  # [batch, 1, padded_vocab]
+    seen = jnp.zeros((batch, cfg.vocab_size), jnp.int32)
+    seen = seen.at[jnp.arange(batch)[:, None], ids].add(mask) > 0  # prompt ids, no padding
+    tokens = next_tokens(logits[:, 0, :cfg.vocab_size], seen, sampling, jax.random.fold_in(rng, 0))
+    state = dict(cache=cache, seen=seen, done=jnp.zeros((batch,), bool), step=jnp.int32(0))
+    return _record(state, tokens, eos_id), tokens
+
+  def decode(params, state, rng, eos_id, window):
+    """Feeds each row's last token, returns the next ones [batch] (EOS again for finished rows)."""
+    last = state["tokens"][:, None]  # [batch, 1]
+    logits, cache = model.apply({"params": params}, last, jnp.ones_like(last),
+                                cache=state["cache"], window=window)
+    tokens = next_tokens(logits[:, 0, :cfg.vocab_size], state["seen"], sampling,
+                         jax.random.fold_in(rng, state["step"]))
+    tokens = jnp.where(state["done"], jnp.maximum(eos_id, 0), tokens)
+    return _record(dict(state, cache=cache), tokens, eos_id), tokens
+
+  if mesh is None:
+    return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,), static_argnums=(4,))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  params_sh = param_shardings(cfg, lora, mesh, rules)
+  state_sh = state_shardings(cfg, batch, max_len, mesh, rules)
+  rows_sh = state_sh["cache"]["mask"]  # [batch, length] like the prompts
+  prefill = jax.jit(prefill, in_shardings=(params_sh, rows_sh, rows_sh, replicated, replicated),
+                    out_shardings=(state_sh, replicated))
+  decode = jax.jit(decode, in_shardings=(params_sh, state_sh, replicated, replicated),
+                   out_shardings=(state_sh, replicated), donate_argnums=(1,), static_argnums=(4,))
+  return prefill, decode
+
+
+def to_global(array: np.ndarray, sharding) -> Array:
+  """A host array that every process holds whole -> a global array with `sharding` (each process
+  fills only its own devices' shards: works on one host and across hosts alike)."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def left_pad(prompts: Sequence[Sequence[int]], bucket: int = 1, pad_id: int = 0,
@@ -156,7 +222,8 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
              top_p: float = 0.9, repetition_penalty: float = 1.1, rng: Array | None = None,
              eos_id: int | None = None, lora: LoraConfig | None = None,
              on_token: Callable[[list[int | None]], None] | None = None,
-             max_len: int | None = None, prompt_bucket: int = 64) -> list[list[int]]:
+             max_len: int | None = None, prompt_bucket: int = 64, mesh=None,
+             rules=shd.DEFAULT_RULES) -> list[list[int]]:
   """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
 
   Returns the new tokens of each row, ending with EOS when the row stopped on it. eos_id: default
@@ -164,6 +231,11 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
   the token each row just produced (None for rows that had already stopped). max_len: cache slots
   (default: padded prompt + max_new_tokens, rounded up to 128); a fixed value lets prompts of any
   length up to it reuse one compiled decode step. Params holding LoRA adapters need `lora`.
+
+  mesh (a `sharding.make_mesh` mesh) and rules: run sharded as in training: params in the layout
+  of `param_shardings` (moved there if they are elsewhere), the batch over the data axes, the cache
+  over batch and kv heads. Multi-host: every process calls this with the same prompts and gets
+  the same outputs.
   """
   present = model_lib.lora_from_params(params)
   if present.rank and (lora is None or lora.rank != present.rank):
@@ -186,14 +258,22 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
                      "lower max_new_tokens or raise max_len")
   rng = jax.random.key(0) if rng is None else rng
   lora = lora or LoraConfig()
-  static, eos = (cfg, lora, sampling), jnp.int32(eos_id)
+  eos = jnp.int32(eos_id)
+  rules = shd.normalize_rules(rules)
+  prefill, decode = _programs(cfg, lora, sampling, max_len, ids.shape[0], mesh, rules)
+  if mesh is not None:
+    params = shd.place(params, param_shardings(cfg, lora, mesh, rules))
+    rows = state_shardings(cfg, ids.shape[0], max_len, mesh, rules)["cache"]["mask"]
+    ids, mask = to_global(ids, rows), to_global(mask, rows)
 
-  state, pending = _prefill(*static, max_len, params, ids, mask, rng, eos)
+  state, pending = prefill(params, ids, mask, rng, eos)
   outputs: list[list[int]] = [[] for _ in prompt_ids]
   stopped = [False] * len(prompt_ids)
   for step in range(max_new_tokens):
     if step + 1 < max_new_tokens:  # dispatch the next step before waiting on this one
-      state, following = _decode_step(*static, params, state, rng, eos)
+      # this step writes slot ids.shape[1] + step and attends over every slot up to it
+      window = window_size(ids.shape[1] + step + 1, max_len)
+      state, following = decode(params, state, rng, eos, window)
     new: list[int | None] = []
     for row, token in enumerate(np.asarray(pending).tolist()):
       new.append(None if stopped[row] else token)

@@ -17,12 +17,14 @@ run under `nn.scan`, so the decoder body is compiled once.
 
 KV cache (for generation): explicit arrays passed in and returned, never module state.
 
-  k, v    [layers, batch, max_len, kv_heads, head_dim]  compute dtype
+  k, v    [layers, batch, kv_heads, max_len, head_dim]  compute dtype
   mask    [batch, max_len] int32   1 where a slot holds a real token (0: unwritten or padding)
-  index   [batch] int32            next slot to write, per row
+  index   [batch] int32            next slot to write, per row (rows may differ: continuous batching)
 
 A call with `cache=` writes its T tokens into slots index .. index+T-1 of each row, attends over the
-whole fixed-size buffer (unwritten slots and padding masked) and returns the updated cache. k and v
+first `window` slots (default: the whole buffer; unwritten slots and padding masked) and returns the
+updated cache. The slot axis sits next to head_dim, so the scores and the weighted sum are plain
+batched matmuls over (batch, kv_heads) with no per-step transpose of the cache. k and v
 ride in the layer scan's carry and each layer writes only its new rows, so under a donating jit the
 update is in place (scanning them as per-layer inputs/outputs would copy the whole cache per step).
 Positions continue from the real tokens already cached (their count + cumsum(mask) - 1), so a
@@ -134,12 +136,40 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def _write_rows(buffer: Array, update: Array, index: Array, layer: Array | None = None) -> Array:
-  """update [batch, T, ...] into buffer [batch, max_len, ...] (or [layers, batch, max_len, ...] at
-  `layer`) at slots index[b] .. index[b] + T - 1 of each row b (one scatter, in place under jit)."""
+  """update [batch, T] into buffer [batch, max_len] at slots index[b] .. index[b] + T - 1 of each
+  row b; or update [batch, T, kv_heads, head_dim] into a cache buffer [layers, batch, kv_heads,
+  max_len, head_dim] at `layer` (one scatter, in place under jit)."""
   rows = jnp.arange(update.shape[0])[:, None]  # [batch, 1]
   slots = index[:, None] + jnp.arange(update.shape[1])  # [batch, T]
-  at = buffer.at[rows, slots] if layer is None else buffer.at[layer, rows, slots]
+  # Advanced indices split by a slice: the indexed view is [batch, T, kv_heads, head_dim].
+  at = buffer.at[rows, slots] if layer is None else buffer.at[layer, rows, :, slots]
   return at.set(update.astype(buffer.dtype))
+
+
+def _attend_cached(q: Array, k: Array, v: Array, allowed: Array, kv, layer: Array,
+                   index: Array) -> tuple[Array, tuple[Array, Array]]:
+  """Writes the new k, v [batch, T, kv_heads, head_dim] into this layer's cache slots `index` and
+  attends q [batch, T, heads, head_dim] over the first `window` slots; allowed: [batch, T, window]
+  bool. Returns (output [batch, T, kv_heads, groups, head_dim], updated (k, v) cache)."""
+  kv = (_write_rows(kv[0], k, index, layer), _write_rows(kv[1], v, index, layer))
+  batch, length, heads, head_dim = q.shape
+  kv_heads, window = k.shape[2], allowed.shape[-1]
+  groups = heads // kv_heads
+  keys = kv[0][layer, :, :, :window]  # [batch, kv_heads, window, head_dim]
+  values = kv[1][layer, :, :, :window]
+  # Only the T new queries move (never the cache): [batch, kv_heads, groups * T, head_dim].
+  q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+  q = q.reshape(batch, kv_heads, groups * length, head_dim)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q, keys,
+                      preferred_element_type=jnp.float32)  # [batch, kv, groups * T, window]
+  scores = scores.reshape(batch, kv_heads, groups, length, window) / jnp.sqrt(
+      jnp.float32(head_dim))
+  scores = jnp.where(allowed[:, None, None], scores, attention_lib.NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+  probs = probs.reshape(batch, kv_heads, groups * length, window)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, values)  # [batch, kv, groups * T, head_dim]
+  out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+  return out, kv
 
 
 class Attention(_Module):
@@ -149,9 +179,10 @@ class Attention(_Module):
   def __call__(self, x: Array, cos: Array, sin: Array, mask: Array, kv=None, layer=None,
                index=None):
     """mask: without a cache, segment ids [batch, length] (cnllama_jax.attention); with one, the
-    boolean [batch, length, max_len] of the slots each token may attend to.
-    kv: None, or the cache (k, v) [layers, batch, max_len, kv_heads, head_dim]: this layer's
-    slice gets the new k/v at slots `index` [batch] and is attended over.
+    boolean [batch, length, window] of the cache slots each token may attend to.
+    kv: None, or the cache (k, v) [layers, batch, kv_heads, max_len, head_dim]: this layer's
+    slice gets the new k/v at slots `index` [batch] and its first `window` slots are attended
+    over (`_attend_cached`).
     Returns (output, updated kv or None)."""
     cfg = self.cfg
     batch, length, _ = x.shape
@@ -168,10 +199,8 @@ class Attention(_Module):
     q = self.constrain(apply_rotary(q, cos, sin), shd.ACT_HEADS)
     k = self.constrain(apply_rotary(k, cos, sin), shd.ACT_HEADS)
     v = self.constrain(v, shd.ACT_HEADS)
-    if kv is not None:
-      kv = (_write_rows(kv[0], k, index, layer), _write_rows(kv[1], v, index, layer))
-      k, v = kv[0][layer], kv[1][layer]  # the whole buffer: [batch, max_len, kv_heads, head_dim]
-      out = attention_lib.xla_attention(q, k, v, mask)  # [batch, length, heads, head_dim]
+    if kv is not None:  # decoding with the KV cache
+      out, kv = _attend_cached(q, k, v, mask, kv, layer, index)
     else:
       out = attention_lib.attention(q, k, v, mask, cfg.attention, self.mesh,
                                     self.rules or shd.DEFAULT_RULES)
@@ -230,7 +259,8 @@ class Llama(_Module):
 
   @nn.compact
   def __call__(self, input_ids: Array, attention_mask: Array | None = None, cache=None,
-               last_only: bool = False, return_hidden: bool = False):
+               last_only: bool = False, return_hidden: bool = False,
+               window: int | None = None):
     cfg = self.cfg
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
@@ -246,8 +276,9 @@ class Llama(_Module):
       layers = jnp.arange(cfg.num_hidden_layers)
       keys_mask = _write_rows(cache["mask"], attention_mask, index)  # [batch, max_len]
       slot = index[:, None] + jnp.arange(length)  # [batch, t]: the slot each new token fills
-      causal = jnp.arange(keys_mask.shape[1])[None, None, :] <= slot[:, :, None]  # [batch, t, s]
-      mask = causal & (keys_mask[:, None, :] > 0)  # [batch, t, s]
+      window = keys_mask.shape[1] if window is None else window  # cache slots attended over
+      causal = jnp.arange(window)[None, None, :] <= slot[:, :, None]  # [batch, t, window]
+      mask = causal & (keys_mask[:, None, :window] > 0)  # [batch, t, window]
     cos, sin = rope.rotary_tables(positions, cfg)
 
     embed = self.param("embed_tokens", nn.with_logical_partitioning(
@@ -286,9 +317,13 @@ class Llama(_Module):
     return logits, dict(k=kv[0], v=kv[1], mask=keys_mask, index=index + length)
 
 
+# Logical axes of the cache's k / v: rows follow the batch, kv heads follow the tensor axis.
+CACHE_AXES = (None, "activation_batch", "activation_heads", None, None)
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int) -> dict:
   """An empty KV cache (see the module docstring) for `batch` rows of up to `max_len` tokens."""
-  shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
   return dict(k=jnp.zeros(shape, cfg.dtype), v=jnp.zeros(shape, cfg.dtype),
               mask=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((batch,), jnp.int32))
 

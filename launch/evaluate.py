@@ -1,6 +1,7 @@
 """Evaluates a Hugging Face LLaMA directory: perplexity on a text file, or C-Eval.
 
   python launch/evaluate.py perplexity --model DIR --text FILE [--tokenizer FILE] [--block_size 512]
+      [--mesh_shape 1,-1,1] [--lora LORA_DIR,...]
   python launch/evaluate.py ceval --model DIR --data CEVAL_DIR --shots 5 --split val --out DIR \
       [--subjects logic,law] [--option_rule context|paper]
 
@@ -18,10 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+
 from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
-from cnllama_jax import sharding as shd  # noqa: E402
-from cnllama_jax.hf import load_hf  # noqa: E402
+from cnllama_jax import inference  # noqa: E402
 from cnllama_jax.tokenizer import load_processor  # noqa: E402
 
 
@@ -35,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "MODEL/tokenizer.model)")
   common.add_argument("--batch_size", type=int, default=8)
   common.add_argument("--dtype", default=None, help="param dtype, e.g. bfloat16 (default: float32)")
-  common.add_argument("--mesh", default="1,-1,1",
+  common.add_argument("--mesh_shape", "--mesh", dest="mesh", default="1,-1,1",
                       help="data,fsdp,tensor sizes; one may be -1 (all devices); 1,1,1: one device")
+  common.add_argument("--lora", default="", help="comma-separated PEFT LoRA directories merged "
+                      "into --model in order")
 
   ppl = sub.add_parser("perplexity", parents=[common], help="perplexity of a text file")
   ppl.add_argument("--text", required=True, help="UTF-8 text, one document per line")
@@ -63,21 +67,23 @@ def _tokenizer(args):
 
 
 def _load_model(args, tokenizer):
+  """(cfg, params, mesh) on the --mesh_shape mesh."""
   if not (Path(args.model) / "config.json").is_file():
     raise FileNotFoundError(f"{args.model}: not a Hugging Face model directory (no config.json)")
   try:
-    sizes = [int(n) for n in args.mesh.split(",")]
+    sizes = inference.parse_mesh_shape(args.mesh)
   except ValueError:
-    raise ValueError(f"--mesh {args.mesh}: expected three integers, e.g. 1,-1,1") from None
-  mesh = shd.single_device_mesh() if sizes == [1, 1, 1] else shd.make_mesh(sizes)
-  cfg, params = load_hf(args.model, mesh=mesh, dtype=args.dtype)
+    raise ValueError(f"--mesh_shape {args.mesh}: expected three integers, e.g. 1,-1,1") from None
+  mesh = inference.build_mesh(sizes)
+  cfg, _, params = inference.load_model(args.model, loras=[p for p in args.lora.split(",") if p],
+                                        mesh=mesh, dtype=args.dtype)
   if tokenizer.vocab_size() > cfg.vocab_size:
     raise ValueError(f"tokenizer has {tokenizer.vocab_size()} pieces but the model's vocabulary "
                      f"is {cfg.vocab_size}: use the tokenizer the model was trained with")
   if tokenizer.vocab_size() < cfg.vocab_size:
     logging.warning("tokenizer has %d pieces, the model %d", tokenizer.vocab_size(),
                     cfg.vocab_size)
-  return cfg, params
+  return cfg, params, mesh
 
 
 def _pct(group: dict, key: str = "accuracy") -> str:
@@ -100,19 +106,22 @@ def run(args: argparse.Namespace) -> None:
     if not Path(args.text).is_file():
       raise FileNotFoundError(f"{args.text}: text file not found")
     tokenizer = _tokenizer(args)
-    cfg, params = _load_model(args, tokenizer)
+    cfg, params, _ = _load_model(args, tokenizer)
     print(json.dumps(ev.perplexity(cfg, params, tokenizer, args.text, block_size=args.block_size,
                                    batch_size=args.batch_size)))
     return
   subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
   data = ev.load_ceval(args.data, args.split, args.shots, subjects)  # all files checked first
   tokenizer = _tokenizer(args)
-  cfg, params = _load_model(args, tokenizer)
+  cfg, params, mesh = _load_model(args, tokenizer)
+  scorer = ev.model_scorer(cfg, params, mesh=None if mesh.size == 1 else mesh)
   result = ev.evaluate_ceval(
-      ev.model_scorer(cfg, params), tokenizer, data, split=args.split, shots=args.shots,
+      scorer, tokenizer, data, split=args.split, shots=args.shots,
       max_length=args.max_length or cfg.max_position_embeddings, batch_size=args.batch_size,
       option_rule=args.option_rule, header_subject=args.header_subject,
       zero_shot_header=args.zero_shot_header)
+  if jax.process_index() != 0:  # every process scored; one writes
+    return
   paths = ev.write_ceval(args.out, result)
   _print_ceval(result.summary)
   print(f"prompts: {result.summary['prompts']}")

@@ -23,6 +23,7 @@ decode step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,14 +35,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from cnllama_jax import adapters  # noqa: E402
 from cnllama_jax import generate as gen  # noqa: E402
+from cnllama_jax import inference  # noqa: E402
+from cnllama_jax.data import sources  # noqa: E402
 from cnllama_jax.data.encode import build_prompt  # noqa: E402
 from cnllama_jax.tokenizer import load_processor  # noqa: E402
-from cnllama_jax.hf import load_hf  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaMA directory (config.json + weights).")
-_LORA = flags.DEFINE_list("lora", [], "PEFT LoRA directories merged into --model in this order.")
+_LORA = flags.DEFINE_list("lora", [], "PEFT LoRA directories applied to --model in this order.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: tokenizer.model "
                                  "of the last --lora that has one, else of --model).")
 _INPUT = flags.DEFINE_string("input", None, "Instructions: .txt (one per line), .json (Alpaca "
@@ -61,89 +62,122 @@ _TOP_P = flags.DEFINE_float("top_p", 0.9, "1: off.")
 _PENALTY = flags.DEFINE_float("repetition_penalty", 1.1, "1: off.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param and compute dtype.")
+_MESH = flags.DEFINE_string("mesh_shape", "1,1,1", "data,fsdp,tensor mesh (one may be -1, e.g. "
+                            "1,-1,1 shards over every device as training); 1,1,1: one device.")
+_MERGE = flags.DEFINE_bool("merge_lora", True, "Merge the --lora adapters (default) or keep the "
+                           "last one unmerged beside the base.")
 
 
-def read_instructions(path: str) -> list[dict]:
-  """[{'instruction': str, 'input': str}] from .txt, .json (Alpaca list) or .jsonl."""
-  with open(path, encoding="utf-8") as f:
-    if path.endswith(".json"):
-      records = json.load(f)
-    elif path.endswith(".jsonl"):
-      records = [json.loads(line) for line in f if line.strip()]
-    else:
-      records = [{"instruction": line.rstrip("\n")} for line in f if line.strip()]
-  for i, record in enumerate(records):
-    if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-      raise ValueError(f"{path}: record {i} has no string 'instruction': {str(record)[:200]}")
-  return [{"instruction": r["instruction"], "input": r.get("input") or ""} for r in records]
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Everything a generation run reads (built from the flags in `main` only)."""
+  model: str
+  loras: tuple[str, ...] = ()
+  merge_lora: bool = True
+  tokenizer: str | None = None
+  template: str = "alpaca"
+  batch_size: int = 8
+  max_new_tokens: int = 400
+  max_len: int = 0
+  temperature: float = 0.2
+  top_k: int = 40
+  top_p: float = 0.9
+  repetition_penalty: float = 1.1
+  seed: int = 0
+  dtype: str = "float32"
+  mesh_shape: tuple[int, int, int] = (1, 1, 1)
 
 
-def tokenizer_path() -> str:
+def options_from_flags() -> Options:
+  return Options(model=_MODEL.value, loras=tuple(_LORA.value), merge_lora=_MERGE.value,
+                 tokenizer=_TOKENIZER.value, template=_TEMPLATE.value, batch_size=_BATCH.value,
+                 max_new_tokens=_MAX_NEW.value, max_len=_MAX_LEN.value,
+                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                 repetition_penalty=_PENALTY.value, seed=_SEED.value, dtype=_DTYPE.value,
+                 mesh_shape=inference.parse_mesh_shape(_MESH.value))
+
+
+def tokenizer_path(opts: Options) -> str:
   """--tokenizer, else the tokenizer.model of the last --lora holding one (as the paper's scripts,
   whose LoRA releases carry the tokenizer), else --model's."""
-  if _TOKENIZER.value:
-    return _TOKENIZER.value
-  for directory in [*reversed(_LORA.value), _MODEL.value]:
+  if opts.tokenizer:
+    return opts.tokenizer
+  for directory in [*reversed(opts.loras), opts.model]:
     if os.path.isfile(os.path.join(directory, "tokenizer.model")):
       return os.path.join(directory, "tokenizer.model")
-  raise FileNotFoundError(f"no tokenizer.model in {[*_LORA.value, _MODEL.value]}; pass --tokenizer")
+  raise FileNotFoundError(f"no tokenizer.model in {[*opts.loras, opts.model]}; pass --tokenizer")
 
 
 class Generator:
-  """The loaded model, tokenizer and sampling settings; `__call__(prompts) -> texts`."""
+  """The loaded model (on the --mesh_shape mesh), tokenizer and sampling settings;
+  `__call__(prompts) -> texts`."""
 
-  def __init__(self):
+  def __init__(self, opts: Options):
     start = time.perf_counter()
-    self.cfg, self.params = load_hf(_MODEL.value, dtype=_DTYPE.value)
-    if _LORA.value:
-      self.cfg, self.params = adapters.merge_loras(self.cfg, self.params, _LORA.value)
-    self.cfg = self.cfg.replace(dtype=_DTYPE.value)
-    self.sp = load_processor(tokenizer_path())
+    self.opts = opts
+    self.mesh = inference.build_mesh(opts.mesh_shape)
+    self.cfg, self.lora, self.params = inference.load_model(
+        opts.model, loras=opts.loras, merge=opts.merge_lora, mesh=self.mesh, dtype=opts.dtype)
+    self.sp = load_processor(tokenizer_path(opts))
     if self.sp.get_piece_size() > self.cfg.vocab_size:
       raise ValueError(f"the tokenizer has {self.sp.get_piece_size()} pieces but the model's "
                        f"vocabulary is {self.cfg.vocab_size}: pass the model's own tokenizer")
-    self.rng = jax.random.key(_SEED.value)
-    merged = f" + LoRA {', '.join(_LORA.value)}" if _LORA.value else ""
-    print(f"loaded {_MODEL.value}{merged} (vocab {self.cfg.vocab_size}, "
-          f"{self.cfg.num_hidden_layers} layers) in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr)
+    self.rng = jax.random.key(opts.seed)
+    merged = f" + LoRA {', '.join(opts.loras)}" if opts.loras else ""
+    log(f"loaded {opts.model}{merged} (vocab {self.cfg.vocab_size}, "
+        f"{self.cfg.num_hidden_layers} layers, mesh {tuple(self.mesh.devices.shape)}) in "
+        f"{time.perf_counter() - start:.1f} s")
 
   def encode(self, text: str) -> list[int]:
     return [self.sp.bos_id()] + self.sp.encode(text)
 
   def __call__(self, prompts: list[str], max_len: int | None = None, on_token=None) -> list[str]:
+    o = self.opts
     self.rng, key = jax.random.split(self.rng)
     outputs = gen.generate(
-        self.cfg, self.params, [self.encode(p) for p in prompts], max_new_tokens=_MAX_NEW.value,
-        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        repetition_penalty=_PENALTY.value, rng=key, eos_id=self.sp.eos_id(), on_token=on_token,
-        max_len=max_len)
+        self.cfg, self.params, [self.encode(p) for p in prompts], max_new_tokens=o.max_new_tokens,
+        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+        repetition_penalty=o.repetition_penalty, rng=key, eos_id=self.sp.eos_id(),
+        on_token=on_token, max_len=max_len, lora=self.lora,
+        mesh=None if self.mesh.size == 1 else self.mesh)
     return [self.sp.decode([t for t in ids if t != self.sp.eos_id()]).strip() for ids in outputs]
 
 
-def template(instruction: str, input: str = "") -> str:
-  return build_prompt(instruction, input) if _TEMPLATE.value == "alpaca" else (
+def log(text: str) -> None:
+  """A progress line on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(text, file=sys.stderr, flush=True)
+
+
+def template(opts: Options, instruction: str, input: str = "") -> str:
+  return build_prompt(instruction, input) if opts.template == "alpaca" else (
       instruction + ("\n" + input if input else ""))
 
 
-def run_batch(generator: Generator) -> None:
-  records = read_instructions(_INPUT.value)
-  output = _OUTPUT.value or os.path.splitext(_INPUT.value)[0] + ".generated.jsonl"
-  max_len = _MAX_LEN.value or None
-  with open(output, "w", encoding="utf-8") as f:
-    for start in range(0, len(records), _BATCH.value):
-      batch = records[start:start + _BATCH.value]
+def run_batch(generator: Generator, input_path: str, output: str | None) -> None:
+  """Generates for every instruction of input_path; every process computes, process 0 writes
+  (to a temporary file renamed into place when complete)."""
+  opts = generator.opts
+  records = sources.read_instructions(input_path)  # the project's one instruction reader
+  output = output or os.path.splitext(input_path)[0] + ".generated.jsonl"
+  writer = jax.process_index() == 0
+  partial = output + ".partial"
+  with open(partial if writer else os.devnull, "w", encoding="utf-8") as f:
+    for start in range(0, len(records), opts.batch_size):
+      batch = records[start:start + opts.batch_size]
       t0 = time.perf_counter()
-      prompts = [template(r["instruction"], r["input"]) for r in batch]
-      prompts += prompts[:1] * (_BATCH.value - len(batch))  # a full last batch: no recompilation
-      texts = generator(prompts, max_len)
+      prompts = [template(opts, r["instruction"], r["input"]) for r in batch]
+      prompts += prompts[:1] * (opts.batch_size - len(batch))  # a full last batch: one compile
+      texts = generator(prompts, opts.max_len or None)
       for i, (record, text) in enumerate(zip(batch, texts)):
         f.write(json.dumps({**record, "output": text}, ensure_ascii=False) + "\n")
-        print(f"======= {start + i} =======\nInput: {record['instruction']}\nOutput: {text}\n")
+        if writer:
+          print(f"======= {start + i} =======\nInput: {record['instruction']}\nOutput: {text}\n")
       f.flush()
-      print(f"[{start + len(batch)}/{len(records)}] {time.perf_counter() - t0:.1f} s",
-            file=sys.stderr)
-  print(f"wrote {len(records)} outputs to {output}", file=sys.stderr)
+      log(f"[{start + len(batch)}/{len(records)}] {time.perf_counter() - t0:.1f} s")
+  if writer:
+    os.replace(partial, output)
+  log(f"wrote {len(records)} outputs to {output}")
 
 
 class Stream:
@@ -164,11 +198,11 @@ class Stream:
       self.shown = len(text)
 
 
-def fit_chat_prompt(generator: Generator, history: list, query: str, room: int) -> list | None:
+def fit_chat_prompt(generator: Generator, history: list, query: str, room: int) -> str | None:
   """The prompt text over the most recent turns that fit in `room` tokens (None: not even the
   query alone fits)."""
   while True:
-    if _TEMPLATE.value == "alpaca":
+    if generator.opts.template == "alpaca":
       text = gen.chat_prompt(history, query)
     else:
       text = "".join(q + "\n" + a + "\n" for q, a in history) + query
@@ -180,15 +214,16 @@ def fit_chat_prompt(generator: Generator, history: list, query: str, room: int) 
     print("(the oldest turn no longer fits and was dropped)", file=sys.stderr)
 
 
-def run_chat(generator: Generator) -> None:
-  max_len = _MAX_LEN.value or generator.cfg.max_position_embeddings
-  room = max_len - _MAX_NEW.value + 1
+def run_chat(generator: Generator, single_turn: bool) -> None:
+  opts = generator.opts
+  max_len = opts.max_len or generator.cfg.max_position_embeddings
+  room = max_len - opts.max_new_tokens + 1
   if room < 2:
     raise app.UsageError(f"--max_len={max_len} leaves no room for a prompt with "
-                         f"--max_new_tokens={_MAX_NEW.value}")
+                         f"--max_new_tokens={opts.max_new_tokens}")
   history: list[tuple[str, str]] = []
   print("Chat: /reset clears the history, /exit or an empty line quits."
-        + (" Single-turn: no history." if _SINGLE_TURN.value else ""), file=sys.stderr)
+        + (" Single-turn: no history." if single_turn else ""), file=sys.stderr)
   while True:
     try:
       query = input("\n> ").strip()
@@ -209,7 +244,7 @@ def run_chat(generator: Generator) -> None:
     t0 = time.perf_counter()
     answer = generator([prompt], max_len, on_token=stream)[0]
     print(f"\n({len(stream.ids)} tokens, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-    if not _SINGLE_TURN.value:
+    if not single_turn:
       history.append((query, answer))
 
 
@@ -217,11 +252,14 @@ def main(argv) -> None:
   del argv
   if _INTERACTIVE.value == bool(_INPUT.value):
     raise app.UsageError("give exactly one of --input=FILE or --interactive")
-  generator = Generator()
+  opts = options_from_flags()
+  if _INTERACTIVE.value and jax.process_count() > 1:
+    raise app.UsageError("--interactive runs in one process; use --input on a multi-host slice")
+  generator = Generator(opts)
   if _INTERACTIVE.value:
-    run_chat(generator)
+    run_chat(generator, _SINGLE_TURN.value)
   else:
-    run_batch(generator)
+    run_batch(generator, _INPUT.value, _OUTPUT.value)
 
 
 if __name__ == "__main__":

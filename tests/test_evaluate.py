@@ -342,3 +342,22 @@ def test_cli_bad_input_is_one_line_naming_the_problem(cli, tiny, tmp_path, capsy
   assert cli(argv) == 1
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
+
+
+def test_ceval_on_a_2x2x2_sharded_model_equals_unsharded_predictions(sp, tiny, tmp_path, cli,
+                                                                      capsys):
+  from cnllama_jax import inference, sharding as shd
+  _, path, cfg, params = tiny
+  data = ev.load_ceval(CEVAL, "val", 5)
+  one = ev.evaluate_ceval(ev.model_scorer(cfg, params), sp, data, max_length=1024, batch_size=4)
+  mesh = shd.make_mesh((2, 2, 2))
+  cfg_m, _, params_m = inference.load_model(path, mesh=mesh)
+  scorer = ev.model_scorer(cfg_m, params_m, mesh=mesh)
+  sharded = ev.evaluate_ceval(scorer, sp, data, max_length=1024, batch_size=4)
+  assert sharded.submission == one.submission
+  np.testing.assert_allclose([r["scores"] for r in sharded.records],
+                             [r["scores"] for r in one.records], atol=1e-4)
+  rc = cli(["ceval", "--model", path, "--data", str(CEVAL), "--shots", "5", "--out",
+            str(tmp_path), "--batch_size", "4", "--mesh_shape", "2,2,2"])
+  assert rc == 0, capsys.readouterr().err
+  assert json.loads((tmp_path / "submission.json").read_text(encoding="utf-8")) == one.submission

@@ -7,6 +7,7 @@ import cnllama_jax
 from cnllama_jax import generate as gen
 from cnllama_jax import model as model_lib
 from cnllama_jax.config import preset
+from jax.sharding import PartitionSpec as P
 from cnllama_jax.data.encode import build_prompt
 from tests import hf_models
 
@@ -151,3 +152,56 @@ def test_chat_prompt_concatenates_previous_turns_in_the_alpaca_template():
       "Write a response that appropriately completes the request.\n\n"
       "### Instruction:\nHi\n\n### Response: Hello!\n\n"
       "### Instruction:\nBye\n\n### Response: ")
+
+
+# ----------------------------------------------------------------------------- sharded
+
+
+@pytest.fixture(scope="module")
+def with_adapter(tiny, tmp_path_factory):
+  """(HF directory of `tiny`'s model, PEFT directory of a random rank-4 LoRA on q/v/down)."""
+  from cnllama_jax import adapters
+  from cnllama_jax.lora import LoraConfig
+  model, cfg, _ = tiny
+  root = tmp_path_factory.mktemp("sharded")
+  path = hf_models.save(model, str(root / "m"), "safetensors")
+  lora = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
+  params = model_lib.init_params(cfg, jax.random.key(5), lora)
+  params = jax.tree_util.tree_map_with_path(  # lora_b is zero at init: make the adapter matter
+      lambda p, x: jax.random.normal(jax.random.key(len(str(p))), x.shape) * 0.3
+      if "lora_b" in jax.tree_util.keystr(p) else x, params)
+  adapters.save_peft(cfg, params, lora, str(root / "adapter"), modules_to_save=())
+  return path, str(root / "adapter")
+
+
+def test_sharded_generation_on_a_2x2x2_mesh_equals_one_device(with_adapter):
+  from cnllama_jax import inference, sharding as shd
+  path, _ = with_adapter
+  cfg, lora, params = inference.load_model(path)
+  mesh = shd.make_mesh((2, 2, 2))
+  cfg_m, lora_m, params_m = inference.load_model(path, mesh=mesh)
+  assert params_m["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+  one = gen.generate(cfg, params, PROMPTS, max_new_tokens=12, temperature=0.0, eos_id=-1)
+  sharded = gen.generate(cfg_m, params_m, PROMPTS, max_new_tokens=12, temperature=0.0, eos_id=-1,
+                         mesh=mesh)
+  assert sharded == one
+  assert len({t for row in one for t in row}) > 8  # real text, not one repeated id
+
+
+def test_base_plus_unmerged_adapter_sharded_equals_one_device(with_adapter):
+  from cnllama_jax import inference, sharding as shd
+  path, adapter = with_adapter
+  cfg, lora, params = inference.load_model(path, loras=[adapter], merge=False)
+  assert lora.rank == 4 and "lora_a" in params["layers"]["self_attn"]["q_proj"]
+  mesh = shd.make_mesh((2, 2, 2))
+  cfg_m, lora_m, params_m = inference.load_model(path, loras=[adapter], merge=False, mesh=mesh)
+  run = lambda c, p, **kw: gen.generate(c, p, PROMPTS, max_new_tokens=12, temperature=0.0,  # noqa
+                                        eos_id=-1, lora=lora, **kw)
+  one, sharded = run(cfg, params), run(cfg_m, params_m, mesh=mesh)
+  assert sharded == one
+  base = gen.generate(*inference.load_model(path)[::2], PROMPTS, max_new_tokens=12,
+                      temperature=0.0, eos_id=-1)
+  assert base != one  # the adapter changes the output
+  merged_cfg, _, merged = inference.load_model(path, loras=[adapter])
+  assert gen.generate(merged_cfg, merged, PROMPTS, max_new_tokens=12, temperature=0.0,
+                      eos_id=-1) == one  # unmerged = merged

@@ -1,0 +1,97 @@
+"""Serves a Hugging Face LLaMA / Alpaca directory over an OpenAI-compatible HTTP API.
+
+  python launch/serve.py --model=DIR [--lora=PLUS_LORA,ALPACA_LORA] [--port=8000]
+      [--slots=8] [--context=2048] [--template=alpaca|llama2] [--mesh_shape=1,-1,1]
+
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with `"stream": true`).
+Concurrent requests share one running decode batch of --slots rows (continuous batching).
+Serving runs in one process (all of its local devices, sharded with --mesh_shape); a multi-host
+slice is refused, since the other hosts would need every request broadcast to them.
+See cnllama_jax/serve.py and cnllama_jax/engine.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if "--cpu" in sys.argv:
+  os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cnllama_jax import cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", required=True, help="HF LLaMA directory (config.json + weights)")
+  parser.add_argument("--lora", default="", help="comma-separated PEFT LoRA directories, in order")
+  parser.add_argument("--merge_lora", default=True, action=argparse.BooleanOptionalAction,
+                      help="merge the LoRAs (default) or keep the last one unmerged")
+  parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: "
+                      "tokenizer.model of the last --lora holding one, else of --model)")
+  parser.add_argument("--model_name", default=None, help="model id in the API (default: the "
+                      "--model directory's name)")
+  parser.add_argument("--template", choices=["alpaca", "llama2"], default="alpaca",
+                      help="chat template of /v1/chat/completions")
+  parser.add_argument("--slots", type=int, default=8, help="rows decoded together")
+  parser.add_argument("--context", type=int, default=0, help="prompt + answer tokens per "
+                      "request (0: the model's max_position_embeddings)")
+  parser.add_argument("--mesh_shape", default="1,1,1", help="data,fsdp,tensor; one may be -1")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  parser.add_argument("--host", default="127.0.0.1")
+  parser.add_argument("--port", type=int, default=8000)
+  parser.add_argument("--cpu", action="store_true", help="run on the CPU even with accelerators")
+  return parser
+
+
+def tokenizer_path(model: str, loras: list[str], explicit: str | None) -> str:
+  if explicit:
+    return explicit
+  for directory in [*reversed(loras), model]:
+    if os.path.isfile(os.path.join(directory, "tokenizer.model")):
+      return os.path.join(directory, "tokenizer.model")
+  raise FileNotFoundError(f"no tokenizer.model in {[*loras, model]}; pass --tokenizer")
+
+
+def build(args):
+  """(app, engine) for the parsed arguments; the engine is started."""
+  from cnllama_jax import engine as engine_lib, inference, serve  # noqa: E402
+  from cnllama_jax.tokenizer import load_processor  # noqa: E402
+  if args.slots < 1:
+    raise ValueError(f"--slots={args.slots}; expected >= 1")
+  loras = [p for p in args.lora.split(",") if p]
+  tokenizer = load_processor(tokenizer_path(args.model, loras, args.tokenizer))
+  mesh = inference.build_mesh(inference.parse_mesh_shape(args.mesh_shape))
+  cfg, lora, params = inference.load_model(args.model, loras=loras, merge=args.merge_lora,
+                                           mesh=mesh, dtype=args.dtype)
+  if tokenizer.vocab_size() > cfg.vocab_size:
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model's "
+                     f"vocabulary is {cfg.vocab_size}: pass the model's own tokenizer")
+  engine = engine_lib.Engine(cfg, params, slots=args.slots, lora=lora, mesh=mesh,
+                             context=args.context or None, eos_id=tokenizer.eos_id()).start()
+  name = args.model_name or Path(args.model).resolve().name
+  return serve.create_app(engine, tokenizer, name, args.template), engine
+
+
+def run(args) -> None:
+  import jax  # noqa: E402
+  from cnllama_jax import serve  # noqa: E402
+  if jax.process_count() > 1:
+    raise ValueError(f"{jax.process_count()} processes: serving runs on one host; use its local "
+                     "devices with --mesh_shape")
+  app, engine = build(args)
+  try:
+    serve.run(app, args.host, args.port)
+  finally:
+    engine.stop()
+
+
+def main(argv=None) -> int:
+  return cli.run_reporting_errors(run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
