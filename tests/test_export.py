@@ -11,7 +11,8 @@ import cnllama_jax
 from cnllama_jax import adapters, export, tensor_files
 from cnllama_jax import lora as lora_lib
 from cnllama_jax.config import LlamaConfig, preset
-from cnllama_jax.model import abstract_params, apply_rotary, rotary_tables
+from cnllama_jax.model import abstract_params, apply_rotary
+from cnllama_jax.rope import rotary_tables
 from cnllama_jax.vocab import resize_vocab
 from launch import convert
 from tests import hf_models
@@ -245,7 +246,9 @@ def test_meta_rotary_layout_gives_the_same_attention_scores():
   heads, head_dim, dim = 2, 8, 16
   w_q, w_k = rng.normal(size=(2, heads * head_dim, dim)).astype(np.float32)  # HF layout
   x, positions = rng.normal(size=(3, dim)).astype(np.float32), np.array([[0, 5, 11]])
-  cos, sin = rotary_tables(positions, head_dim, 10000.0)
+  rope_cfg = preset("tiny", hidden_size=heads * head_dim, num_attention_heads=heads,
+                    num_key_value_heads=heads, rope_theta=10000.0)
+  cos, sin = (np.asarray(t) for t in rotary_tables(jax.numpy.asarray(positions), rope_cfg))
 
   def hf_scores(wq, wk):
     q = apply_rotary((x @ wq.T).reshape(1, 3, heads, head_dim), cos, sin)[0]
