@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from cnllama_jax import checkpoint, experiment, run_config  # noqa: E402
+from cnllama_jax import build, checkpoint, run_config  # noqa: E402
 
 
 def config(name: str):
@@ -57,15 +57,15 @@ def noisy_moments(run):
     return jax.tree_util.tree_unflatten(tree, [
         1e-3 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating)
         else x for k, x in zip(keys, leaves)])
-  opt_state = jax.jit(fill, out_shardings=run.shardings.opt_state)(run.state.opt_state)
+  opt_state = jax.jit(fill, out_shardings=run.plan.state_shardings.opt_state)(run.state.opt_state)
   return run.state.replace(opt_state=opt_state)
 
 
 def measure(name: str, async_save: bool, run, state, workdir: str) -> tuple[float, float]:
   """Median (seconds in save(), seconds until the files are complete) over the repeats."""
-  cfg = config(name)
+  del name
   shutil.rmtree(workdir, ignore_errors=True)
-  saves = checkpoint.Checkpoints(workdir, cfg, run, "bench", async_save=async_save)
+  saves = checkpoint.Checkpoints(workdir, run.plan, run.frozen, "bench", async_save=async_save)
   blocked, total = [], []
   for step in range(ARGS.repeats + 1):
     start = time.perf_counter()
@@ -85,14 +85,13 @@ def main() -> None:
         f"median of {ARGS.repeats} saves")
   with tempfile.TemporaryDirectory() as tmp:
     for name in ("tiny", "mid"):
-      run = experiment.build(config(name), None)
+      run = build.build(config(name))
       state = noisy_moments(run)
-      item = checkpoint.state_item(state)
-      size = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(item))
+      size = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
       start = time.perf_counter()
-      checkpoint.checksums(item, run.mesh)
+      checkpoint.checksums(state, run.plan.mesh)
       start = time.perf_counter()
-      checkpoint.checksums(item, run.mesh)
+      checkpoint.checksums(state, run.plan.mesh)
       sums = time.perf_counter() - start
       block_b, _ = measure(name, False, run, state, os.path.join(tmp, name + "-blocking"))
       block_a, total_a = measure(name, True, run, state, os.path.join(tmp, name + "-async"))
@@ -100,7 +99,7 @@ def main() -> None:
             f"blocking {block_b:6.3f} s | async: save() returns after {block_a:6.3f} s, "
             f"+ background until written {total_a - block_a:6.3f} s | checksums {sums:.3f} s",
             flush=True)
-      del run, state, item
+      del run, state
 
 
 if __name__ == "__main__":

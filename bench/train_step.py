@@ -8,7 +8,7 @@ up,down plus a trainable embedding and LM head (PEFT `modules_to_save`), AdamW, 
 1.0. Shapes: hidden 512, 4 layers, 8 heads, FFN 1376, vocabulary 49,954, sequence 512, batch 4,
 fp32, synthetic tokens.
 
-  ours     cnllama_jax.experiment.build(run_config.pretrain_stage2() + the shapes above): the
+  ours     cnllama_jax.build.build(configs/pretrain_stage2.py + the shapes above): the
            jitted, donating train step of a real run.
   theirs   transformers.LlamaForCausalLM (fp32, default attention = sdpa) wrapped by
            peft.get_peft_model(LoraConfig(r=8, lora_alpha=32, lora_dropout, all seven modules,
@@ -58,7 +58,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def stage2_config(dropout: float):
   from cnllama_jax import run_config
-  c = run_config.pretrain_stage2()
+  c = run_config.load("pretrain_stage2")
   c.model = run_config.model_fields("mid", SHAPE["vocab_size"])  # "mid" = SHAPE's widths
   c.model.attention = ATTENTION[0]
   c.lora.dropout = dropout
@@ -79,14 +79,14 @@ def synthetic_batch(seed: int = 0) -> dict:
 class Ours:
   def __init__(self, dropout: float):
     import jax
-    from cnllama_jax import experiment
-    self.run = experiment.build(stage2_config(dropout))
+    from cnllama_jax import build
+    self.run = build.build(stage2_config(dropout))
     self.state = self.run.state
-    self.batch = jax.device_put(synthetic_batch(), self.run.batch_sharding)
+    self.batch = jax.device_put(synthetic_batch(), self.run.plan.batch_shardings)
     self.step()  # compile
 
   def step(self) -> float:
-    self.state, metrics = self.run.train_step(self.state, self.batch)
+    self.state, metrics = self.run.train_step(self.run.frozen, self.state, self.batch)
     return float(metrics["loss"])  # waits for the step
 
 
@@ -259,7 +259,7 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
   import jax.numpy as jnp
   from cnllama_jax import lora as lora_lib, train as train_lib
   run, state = ours.run, ours.state
-  model, batch = run.model, ours.batch
+  model, batch = run.plan.model, ours.batch
   rng = jax.random.key(0)
 
   def logits_fn(trainable, frozen, batch):
@@ -287,9 +287,9 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
     logits = x @ head
     return jnp.sum(logits @ head.T) + jnp.sum(x.T @ logits)
 
-  params = (state.trainable, state.frozen, batch)
+  params = (state.trainable, run.frozen, batch)
   if trace_only:
-    hlo = run.train_step.lower(ours.state, ours.batch).compile().as_text()
+    hlo = run.train_step.lower(run.frozen, ours.state, ours.batch).compile().as_text()
     trace_ops(ours.step, max(rounds, 3), hlo, top)
     return
   pieces = {
@@ -314,7 +314,7 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
   wall, cpu = results["LM head GEMMs alone (3)"]
   print(f"  LM head GEMMs: {head_gemm_flops / wall / 1e9:.1f} GFLOP/s wall, "
         f"{head_gemm_flops / cpu / 1e9:.1f} GFLOP per CPU-s")
-  hlo = run.train_step.lower(ours.state, ours.batch).compile().as_text()
+  hlo = run.train_step.lower(run.frozen, ours.state, ours.batch).compile().as_text()
   trace_ops(ours.step, max(rounds, 3), hlo, top)
 
 

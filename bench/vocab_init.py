@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout, not bench/ (module names)
-from cnllama_jax import experiment, pipeline, run_config, tokenizer as tok_lib, trainer  # noqa: E402
+from cnllama_jax import build, pipeline, run_config, run_data, tokenizer as tok_lib  # noqa: E402
+from cnllama_jax import trainer  # noqa: E402
 from cnllama_jax.data import Loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,12 +57,12 @@ def stage0(workdir: Path, toks: dict, steps: int):
   c.lora.rank = 0
   c.train.update(trainable="full", learning_rate=3e-3, steps=steps, global_batch_size=16,
                  seq_len=128, log_every=max(steps // 5, 1), warmup_ratio=0.05)
-  result = trainer.fit(c, str(workdir / "stage0"))
-  return pipeline._trained_params(result), result["history"]  # pylint: disable=protected-access
+  result = trainer.train(c, str(workdir / "stage0"))
+  return pipeline.trained_params(result), result["history"]
 
 
 def stage1(workdir: Path, toks: dict, base, init: str, steps: int) -> dict:
-  c = run_config.pretrain_stage1()
+  c = run_config.load("pretrain_stage1")
   c.model = model_fields(base[0].vocab_size)
   c.tokenizer, c.data.path = toks["merged"], str(CHINESE)
   c.data.data_dir = str(workdir / "zh_data")  # built once, shared by the three runs
@@ -69,11 +70,11 @@ def stage1(workdir: Path, toks: dict, base, init: str, steps: int) -> dict:
   c.train.update(learning_rate=5e-3, steps=steps, global_batch_size=16, seq_len=128,
                  log_every=max(steps // 3, 1), eval_every=steps, eval_batches=8,
                  warmup_ratio=0.05)
-  run = experiment.build(c, base=base)  # the resized base, before any stage-1 step
-  data = experiment.datasets(c, run.cfg, str(workdir / init))
-  before = trainer.evaluate(run, Loader(data["validation"], 16, c.seed), 8)["eval_loss"]
+  run = build.build(c, base=base)  # the resized base, before any stage-1 step
+  data = run_data.datasets(run.plan.data, run.cfg.vocab_size, str(workdir / init))
+  before = trainer.evaluate(run, run.state, Loader(data["validation"], 16, c.seed), 8)["eval_loss"]
   start = time.perf_counter()
-  result = trainer.fit(c, str(workdir / init), base=base)
+  result = trainer.train(c, str(workdir / init), base=base)
   return {"init": init, "step0_loss": before, "final_loss": result["eval"]["eval_loss"],
           "train_loss_first": result["history"][0]["loss"],
           "train_loss_last": result["history"][-1]["loss"],

@@ -1,9 +1,10 @@
 """Compiles the exact train step of a config for a TPU topology without a TPU (libtpu's compiler
 runs on the CPU host), and reports per-chip memory and model FLOPs.
 
-Nothing is allocated: params, optimizer state and batch are `jax.ShapeDtypeStruct`s carrying the
-shardings the real run would use. FLOPs are counted analytically (`cnllama_jax.flops`), because
-XLA's cost analysis counts a scanned layer body once.
+Nothing is allocated: the frozen params, TrainState and batch are the plan's
+`jax.ShapeDtypeStruct`s (cnllama_jax.plan), carrying the shardings the real run uses. FLOPs are
+counted analytically (`cnllama_jax.flops`), because XLA's cost analysis counts a scanned layer
+body once.
 """
 from __future__ import annotations
 
@@ -11,12 +12,7 @@ import dataclasses
 import os
 import re
 
-import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
-
-from cnllama_jax import experiment, flops, lora as lora_lib, model as model_lib
-from cnllama_jax import sharding as shd, train as train_lib, vocab as vocab_lib
+from cnllama_jax import flops, lora as lora_lib, plan as plan_lib
 
 GiB = 2**30
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
@@ -98,52 +94,24 @@ class Report:
     ]
 
 
-def abstract_run(config, mesh: Mesh):
-  """(jitted step, abstract state, abstract batch, cfg, lora) for `config` on `mesh`."""
-  rules = shd.normalize_rules(config.mesh.rules)
-  cfg = experiment.base_model_config(config, vocab_lib.mesh_vocab_multiple(mesh, rules))
-  lora = experiment.lora_config(config)
-  boxed = model_lib.abstract_params(cfg, lora)
-  shardings = shd.param_shardings(boxed, mesh, rules)
-  params = jax.tree_util.tree_map(
-      lambda box, sharding: jax.ShapeDtypeStruct(box.value.shape, box.value.dtype,
-                                                 sharding=sharding),
-      boxed, shardings, is_leaf=lambda x: hasattr(x, "names"))
-  frozen, trainable = lora_lib.split(params, lora_lib.trainable_paths(params, config.train.trainable))
-  optimizer = train_lib.make_optimizer(experiment.optim_config(config), config.train.steps)
-  schedule = train_lib.make_schedule(experiment.optim_config(config), config.train.steps)
-  state_shape = jax.eval_shape(lambda f, t: train_lib.init_state(f, t, optimizer, 0),
-                               frozen, trainable)
-  flat_sh = experiment.flat_shardings(boxed, mesh, rules)
-  state_sh = train_lib.state_shardings(state_shape, flat_sh, mesh, optimizer)
-  state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 state_shape, state_sh)
-  shape = (config.train.global_batch_size, config.train.seq_len)
-  experiment.check_batch(shape[0], config.train.micro_batches, mesh, rules)
-  batch_sh = shd.batch_sharding(mesh, rules, shape)
-  batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sh)
-           for k in ("input_ids", "attention_mask", "labels")}
-  model = model_lib.Llama(cfg, lora, mesh=mesh, rules=rules, deterministic=lora.dropout == 0)
-  # The row range of `lora+new_rows` only masks updates; any range costs the same.
-  new_rows = (0, cfg.vocab_size) if config.train.trainable == "lora+new_rows" else None
-  step = train_lib.make_train_step(model, optimizer, schedule, config.train.micro_batches, new_rows)
-  jitted = train_lib.jit_train_step(step, state_sh, {k: batch_sh for k in batch})
-  return jitted, state, batch, cfg, lora
+def lower(p: plan_lib.Plan):
+  """The plan's jitted train step lowered on its abstract frozen params, state and batch."""
+  train_step, _ = plan_lib.jit_steps(p)
+  return train_step.lower(p.frozen, p.state, p.batch)
 
 
 def compile_report(config, topology: str) -> Report:
   """Lowers and compiles the train step for `topology`; reads the per-chip memory."""
   gen, devices = tpu_devices(topology)
-  mesh = shd.make_mesh(tuple(config.mesh.shape), devices)
-  jitted, state, batch, cfg, lora = abstract_run(config, mesh)
+  p = plan_lib.plan(config, plan_lib.build_mesh(config, devices))
   tokens = config.train.global_batch_size * config.train.seq_len
-  step_flops = tokens * flops.train_flops_per_token(cfg, config.train.seq_len, lora,
-                                                    lora_lib.STAGES[config.train.trainable])
+  step_flops = tokens * flops.train_flops_per_token(p.cfg, config.train.seq_len, p.lora,
+                                                    lora_lib.STAGES[p.stage])
   common = dict(topology=topology, chips=len(devices), micro_batches=config.train.micro_batches,
                 hbm_bytes=HBM_BYTES[gen], flops_per_step=step_flops,
                 step_seconds_at_peak=step_flops / (PEAK_BF16[gen] * len(devices)))
   try:
-    compiled = jitted.lower(state, batch).compile()
+    compiled = lower(p).compile()
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

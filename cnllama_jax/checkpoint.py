@@ -1,8 +1,9 @@
 """Checkpoints of a run: an Orbax `CheckpointManager` in `<workdir>/checkpoints`.
 
 A checkpoint (one directory per step) holds two items:
-  state  the trainable params, optimizer state, step and rng (Orbax, sharded, written
-         asynchronously: the device-to-host copy blocks, the file writes run in the background);
+  state  the TrainState exactly as it trains: trainable params, optimizer state, step and rng
+         (Orbax, sharded, written asynchronously: the device-to-host copy blocks, the file writes
+         run in the background);
   meta   JSON: the run's config, where the frozen base came from and its fingerprint, the real
          vocabulary size, and per-leaf checksums of the state.
 The frozen base is not copied: resuming rebuilds it from the config and refuses a base whose
@@ -27,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cnllama_jax import paths, train as train_lib
+from cnllama_jax import cli, paths, train as train_lib
 
 SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"
@@ -52,12 +52,6 @@ class CheckpointError(RuntimeError):
 
 
 # --- what a checkpoint holds ---------------------------------------------------------------------
-
-def state_item(state: train_lib.TrainState) -> dict:
-  """The saved part of a TrainState (everything but the frozen base)."""
-  return {"step": state.step, "rng": state.rng, "trainable": state.trainable,
-          "opt_state": state.opt_state}
-
 
 def leaf_name(path) -> str:
   """'trainable.layers.mlp.down_proj.lora_a', 'opt_state.1.0.mu.embed_tokens', ..."""
@@ -102,8 +96,8 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
   return jnp.sum(_bits(x) * weight, dtype=jnp.uint32)
 
 
-def _replicated_to_host(tree, mesh) -> Any:
-  """A tree computed replicated on `mesh` as numpy (works across processes)."""
+def _replicated_to_host(tree) -> Any:
+  """A tree computed replicated on a mesh as numpy (works across processes)."""
   return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
@@ -113,9 +107,9 @@ def _checksum_fn(mesh):
                  out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def checksums(item: dict, mesh) -> dict[str, int]:
-  """{leaf name: checksum} of a state item; the same on any mesh (see module doc)."""
-  sums = _replicated_to_host(_checksum_fn(mesh)(item), mesh)
+def checksums(state: train_lib.TrainState, mesh) -> dict[str, int]:
+  """{leaf name: checksum} of a state; the same on any mesh (see module doc)."""
+  sums = _replicated_to_host(_checksum_fn(mesh)(state))
   return {name: int(value) for name, value in _named_leaves(sums).items()}
 
 
@@ -148,7 +142,7 @@ def base_fingerprint(frozen: Any, vocab_size: int, mesh) -> str:
   gather = jax.jit(lambda xs: [x[np.ix_(*index[n][1])] if x.ndim else x
                                for n, x in zip(names, xs)],
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
-  samples = _replicated_to_host(gather([leaves[n] for n in names]), mesh)
+  samples = _replicated_to_host(gather([leaves[n] for n in names]))
   digest = hashlib.sha256()
   for name, sample in zip(names, samples):
     digest.update(f"{name}:{index[name][0]}:{sample.dtype}".encode())
@@ -191,16 +185,6 @@ def one_line_orbax_errors() -> None:
 
 # --- the manager ---------------------------------------------------------------------------------
 
-def _one_line(err: BaseException) -> str:
-  """The error as one line of at most ~300 characters, led by the OS error when TensorStore names
-  one (e.g. "No space left on device (errno 28): ...")."""
-  text = " ".join(str(err).split()) or type(err).__name__
-  code = re.search(r"os_error_code='(\d+)'", text)
-  if code:
-    text = f"{os.strerror(int(code.group(1)))} (errno {code.group(1)}): {text}"
-  return text if len(text) <= 300 else text[:250] + " ... " + text[-45:]
-
-
 def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
@@ -217,27 +201,28 @@ def _flatten(d: Any, prefix: str = "") -> dict:
 class Checkpoints:
   """Saving and resuming one run in `<workdir>/checkpoints`.
 
-  `run` is the experiment.Run being trained (its shardings are the restore targets);
-  `source` describes where the frozen base came from (see `base_source`).
+  `plan` is the run's plan (its abstract state, with shardings, is the restore target);
+  `frozen` the run's frozen params (fingerprinted); `source` describes where they came from (see
+  `base_source`).
   """
 
-  def __init__(self, workdir: str, config, run, source: str, *, async_save: bool = True):
+  def __init__(self, workdir: str, plan, frozen: Any, source: str, *, async_save: bool = True):
     self.workdir = paths.absolute(workdir)  # local or gs://: Orbax writes through tensorstore
     self.directory = paths.join(self.workdir, SUBDIR)
-    self.config, self.run = config, run
-    self.vocab_size = run.cfg.vocab_size
+    self.config, self.plan = plan.config, plan
+    self.vocab_size = plan.cfg.vocab_size
     self.base = {"source": source,
-                 "fingerprint": base_fingerprint(run.state.frozen, self.vocab_size, run.mesh)}
-    self._shapes = {n: list(x.shape) for n, x in _named_leaves(state_item(run.state)).items()}
+                 "fingerprint": base_fingerprint(frozen, self.vocab_size, plan.mesh)}
+    self._shapes = {n: list(x.shape) for n, x in _named_leaves(plan.state).items()}
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max(int(config.train.keep_checkpoints), 1), create=True,
+        max_to_keep=max(int(self.config.train.keep_checkpoints), 1), create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options,
                                            item_handlers=self._handlers())
     except OSError as err:
       raise CheckpointError(f"cannot use checkpoint directory {self.directory}: "
-                            f"{_one_line(err)}") from None
+                            f"{cli.one_line(err, storage=True)}") from None
     self.saved_step: int | None = None
     self._pending_step: int | None = None
 
@@ -250,18 +235,17 @@ class Checkpoints:
   def save(self, step: int, state: train_lib.TrainState) -> None:
     """Starts saving `state` as checkpoint `step` (returns once the data is off the devices)."""
     self.wait()  # Orbax waits for the previous save anyway; this names its step if it failed
-    item = state_item(state)
     meta = {"format": FORMAT, "step": int(step), "time": time.time(),
             "vocab_size": self.vocab_size, "base": self.base,
-            "mesh": {k: int(v) for k, v in self.run.mesh.shape.items()},
+            "mesh": {k: int(v) for k, v in self.plan.mesh.shape.items()},
             "process_count": jax.process_count(), "shapes": self._shapes,
-            "checksums": checksums(item, self.run.mesh), "config": _config_json(self.config)}
+            "checksums": checksums(state, self.plan.mesh), "config": _config_json(self.config)}
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     except Exception as err:  # noqa: BLE001 - an earlier async save may surface here
       raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed: "
-                            f"{_one_line(err)}") from err
+                            f"{cli.one_line(err, storage=True)}") from err
     self._pending_step = step
 
   def wait(self) -> None:
@@ -270,7 +254,7 @@ class Checkpoints:
       self.manager.wait_until_finished()
     except Exception as err:  # noqa: BLE001
       raise CheckpointError(f"saving checkpoint step {self._pending_step} in {self.directory} "
-                            f"failed: {_one_line(err)}") from err
+                            f"failed: {cli.one_line(err, storage=True)}") from err
     if self._pending_step is not None:
       self.saved_step, self._pending_step = self._pending_step, None
 
@@ -305,7 +289,7 @@ class Checkpoints:
       self._check_compatible(step, meta)
       try:
         state = self._restore_state(step)
-        found = checksums(state_item(state), self.run.mesh)
+        found = checksums(state, self.plan.mesh)
         bad = sorted(n for n, v in meta["checksums"].items() if found.get(n) != v)
         if bad:
           raise ValueError(f"checksums of {len(bad)} arrays differ, e.g. {bad[0]}")
@@ -318,16 +302,10 @@ class Checkpoints:
     return None
 
   def _restore_state(self, step: int) -> train_lib.TrainState:
-    run = self.run
-    target = jax.tree_util.tree_map(
-        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        state_item(run.state), state_item(run.shardings))
     # strict=False: vocabulary leaves may carry another mesh's padding (checked in
     # _check_compatible: only those leaves, only on their vocabulary axis).
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target, strict=False)))["state"]
-    return run.state.replace(step=restored["step"], rng=restored["rng"],
-                             trainable=restored["trainable"], opt_state=restored["opt_state"])
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(self.plan.state, strict=False)))["state"]
 
   def _check_compatible(self, step: int, meta: dict) -> None:
     where = f"checkpoint step {step} in {self.directory}"
@@ -367,7 +345,7 @@ class Checkpoints:
     target = paths.join(self.workdir, DAMAGED_SUBDIR, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       print(f"warning: checkpoint step {step} in {self.directory} is damaged "
-            f"({_one_line(err)}); moved to {target}, trying the previous one",
+            f"({cli.one_line(err, storage=True)}); moved to {target}, trying the previous one",
             file=sys.stderr, flush=True)
       paths.move(paths.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
@@ -384,15 +362,15 @@ class Checkpoints:
 
 
 @contextlib.contextmanager
-def opened(workdir: str, config, run, source: str, **kwargs):
+def opened(workdir: str, plan, frozen: Any, source: str, **kwargs):
   """Checkpoints(...) that waits for its last save and closes on exit."""
-  checkpoints = Checkpoints(workdir, config, run, source, **kwargs)
+  checkpoints = Checkpoints(workdir, plan, frozen, source, **kwargs)
   try:
     yield checkpoints
   except BaseException:
     try:  # finish the last good save, without hiding the error that stopped the run
       checkpoints.close()
     except Exception as err:  # noqa: BLE001
-      logging.error("while stopping: %s", _one_line(err))
+      logging.error("while stopping: %s", cli.one_line(err, storage=True))
     raise
   checkpoints.close()

@@ -146,17 +146,6 @@ class LlamaConfig:
     return cls(**fields)
 
 
-def num_params(cfg: LlamaConfig, padded: bool = False) -> int:
-  """Parameter count of the base model (no LoRA)."""
-  vocab = cfg.padded_vocab_size if padded else cfg.vocab_size
-  d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  attn = d * h * hd * 2 + d * kv * hd * 2
-  mlp = 3 * d * cfg.intermediate_size
-  per_layer = attn + mlp + 2 * d
-  head = 0 if cfg.tie_word_embeddings else vocab * d
-  return vocab * d + cfg.num_hidden_layers * per_layer + d + head
-
-
 def _preset(hidden, heads, layers, ffn, eps=1e-6, kv=None, max_pos=2048, **extra) -> dict[str, Any]:
   return dict(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
               intermediate_size=ffn, rms_norm_eps=eps, num_key_value_heads=kv,

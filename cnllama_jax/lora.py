@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -88,31 +89,55 @@ def _unflat(flat: dict[str, Any]) -> dict:
   return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
-def trainable_paths(params: Any, stage: str) -> list[str]:
-  """The '/'-joined paths of the leaves that train in `stage` (see STAGES)."""
+def _is_node(x: Any) -> bool:
+  return isinstance(x, Mapping)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def trainable_mask(params: Any, stage: str) -> dict:
+  """A tree of bools shaped like `params`: True where the leaf trains in `stage` (see STAGES).
+
+  `params` may hold arrays, `jax.ShapeDtypeStruct`s or logical-partitioning boxes.
+  """
   if stage not in STAGES:
     raise ValueError(f"unknown trainable stage {stage!r}; expected one of {sorted(STAGES)}")
   groups = STAGES[stage]
-  paths = [p for p in _flat(params) if param_group(p) in groups]
-  if not paths:
+  leaf_groups = jax.tree_util.tree_map_with_path(
+      lambda path, _: param_group(_path_name(path)), params, is_leaf=lambda x: not _is_node(x))
+  found = set(jax.tree_util.tree_leaves(leaf_groups)) & groups
+  if not found:
     raise ValueError(f"stage {stage!r} trains nothing in these params (groups {sorted(groups)}; "
                      "is LoRA rank 0 for a LoRA stage?)")
-  if "lora" in groups and stage != "full" and not any(param_group(p) == "lora" for p in paths):
+  if "lora" in groups and stage != "full" and "lora" not in found:
     raise ValueError(f"stage {stage!r} needs LoRA adapters but the params have none (rank 0)")
-  return paths
+  return jax.tree_util.tree_map(lambda group: group in groups, leaf_groups)
 
 
-def split(params: Any, paths) -> tuple[dict, dict]:
-  """(frozen, trainable): two disjoint trees whose union is `params`."""
-  flat, paths = _flat(params), set(paths)
-  frozen = {k: v for k, v in flat.items() if k not in paths}
-  trainable = {k: v for k, v in flat.items() if k in paths}
-  return _unflat(frozen), _unflat(trainable)
+def split(params: Any, mask: Any) -> tuple[dict, dict]:
+  """(frozen, trainable): two disjoint nested trees whose union is `params`; `mask` is a tree of
+  bools shaped like `params` (True: trainable). Empty sub-trees are dropped."""
+  frozen, trainable = {}, {}
+  for key, value in params.items():
+    if _is_node(value):
+      sub_frozen, sub_trainable = split(value, mask[key])
+      if sub_frozen:
+        frozen[key] = sub_frozen
+      if sub_trainable:
+        trainable[key] = sub_trainable
+    else:
+      (trainable if mask[key] else frozen)[key] = value
+  return frozen, trainable
 
 
 def combine(frozen: Any, trainable: Any) -> dict:
-  """The model's view: one tree holding the leaves of both."""
-  return _unflat({**_flat(frozen), **_flat(trainable)})
+  """The model's view: one nested tree holding the leaves of both."""
+  out = dict(frozen)
+  for key, value in trainable.items():
+    out[key] = combine(out[key], value) if key in out and _is_node(value) else value
+  return out
 
 
 def check_adapters(params: Any, num_layers: int, lora: LoraConfig) -> int:

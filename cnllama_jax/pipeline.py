@@ -30,8 +30,8 @@ import time
 
 import jax
 
-from cnllama_jax import evaluate, experiment, lora as lora_lib, sharding as shd
-from cnllama_jax import tokenizer as tok_lib, tokenizer_stats, trainer
+from cnllama_jax import build, evaluate, lora as lora_lib, plan as plan_lib
+from cnllama_jax import tokenizer as tok_lib, tokenizer_stats, trainer, writers
 from cnllama_jax.data import sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,14 +107,14 @@ def stage_config(config, name: str, tokenizer: str, data_path: str):
     stage.mesh.shape = config.mesh_shape
     stage.model = config.model
     if name == "stage0":  # a random base with exactly the base tokenizer's vocabulary
-      stage.model.vocab_size = experiment.tokenizer_size(tokenizer)
+      stage.model.vocab_size = plan_lib.tokenizer_size(tokenizer)
   return stage
 
 
 def trained_params(result: dict) -> tuple:
   """(cfg, params) after a stage with its LoRA merged into the weights."""
   run = result["run"]
-  params = lora_lib.combine(run.state.frozen, run.state.trainable)
+  params = lora_lib.combine(run.frozen, result["state"].trainable)
   if run.lora.rank:
     params = lora_lib.merge(params, run.lora)
   params = jax.tree_util.tree_map(lambda x: x.astype(run.cfg.param_dtype), params)
@@ -122,15 +122,12 @@ def trained_params(result: dict) -> tuple:
 
 
 def start_params(stage, base) -> tuple:
-  """(cfg, params) a stage starts from, as trainer.fit builds them: `base` (or a random init)
+  """(cfg, params) a stage starts from, as its build makes them: `base` (or a random init)
   resized to the stage's tokenizer with its `vocab.init` (fresh adapters, being zero, merged)."""
-  mesh, rules = experiment.build_mesh(stage), shd.normalize_rules(stage.mesh.rules)
-  if base is None:
-    cfg, params, _ = experiment.load_params(stage, mesh, rules)
-  else:
-    cfg, params, _ = experiment.prepare(stage, *base, mesh, rules)
-  lora = experiment.lora_config(stage)
-  return cfg, lora_lib.merge(params, lora) if lora.rank else params
+  stage_plan = plan_lib.plan(stage, base_cfg=None if base is None else base[0])
+  params = build.load_params(stage_plan, base)
+  return stage_plan.cfg, (lora_lib.merge(params, stage_plan.lora) if stage_plan.lora.rank
+                          else params)
 
 
 def heldout_loss(stage, cfg, params, text_path: str) -> float:
@@ -208,7 +205,7 @@ def run(config, workdir: str, verbose: bool = False, out=None) -> dict:
     stage_start = time.perf_counter()
     before = None
     init = "random" if base is None else (  # how the stage's new embedding rows start
-        stage.vocab.init if experiment.tokenizer_size(tokenizer) != base[0].vocab_size else "-")
+        stage.vocab.init if plan_lib.tokenizer_size(tokenizer) != base[0].vocab_size else "-")
     if heldout:
       before = heldout_loss(stage, *start_params(stage, base), heldout)
     description = (f"{stage.train.trainable} ({'English' if name == 'stage0' else 'Chinese'})")
@@ -218,7 +215,8 @@ def run(config, workdir: str, verbose: bool = False, out=None) -> dict:
                stage_console(name, description, stage.train.steps,
                              os.path.join(stage_dir, "log.txt"), out))
     with console:
-      result = trainer.fit(stage, stage_dir, base=base)
+      result = trainer.train(stage, stage_dir, base=base, writers=writers.for_run(
+          stage_dir, stage.train.steps, progress=False))
     base = trained_params(result)
     stages[name] = {
         "trainable": stage.train.trainable, "steps": stage.train.steps,

@@ -1,16 +1,21 @@
-"""The fields of a run's ConfigDict, with defaults; `configs/*.py` start from `default()`.
+"""The fields of a run's ConfigDict, with defaults; `configs/*.py` start from `default()` and set
+their stage's knobs themselves.
 
 Every field can be overridden on the command line as `--config.a.b=value`.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
 from cnllama_jax import config as model_config
 from cnllama_jax import lora as lora_lib
 from cnllama_jax import sharding as shd
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def model_fields(preset: str, vocab_size: int, **overrides) -> ml_collections.ConfigDict:
@@ -67,45 +72,14 @@ def paper_scale(c: ml_collections.ConfigDict, preset: str, vocab_size: int,
   c.mesh.shape = (1, -1, 1)
 
 
-# --- the paper's stages (Cui et al. 2023, Sec. 3 and Table 2) -------------------------------------
-
-def pretrain_stage1(preset: str = "tiny") -> ml_collections.ConfigDict:
-  """Stage 1: only the input embedding trains, on Chinese text; the transformer is frozen.
-  lr 2e-4, block size 512, weight decay 0.01, warmup ratio 0.05, cosine, global batch 1024."""
-  c = default()
-  c.train.update(trainable="embeddings", learning_rate=2e-4, weight_decay=0.01,
-                 warmup_ratio=0.05, schedule="cosine")
-  c.lora.rank = 0
-  c.data.kind = "text"
-  if preset != "tiny":
-    paper_scale(c, preset, model_config.CHINESE_LLAMA_VOCAB, global_batch=1024)
-  return c
-
-
-def pretrain_stage2(preset: str = "tiny") -> ml_collections.ConfigDict:
-  """Stage 2: LoRA r 8, alpha 32, dropout 0.05 on q,k,v,o,gate,up,down plus embedding and LM head.
-  lr 1e-4, block size 512, weight decay 0.01, warmup ratio 0.05, cosine, global batch 1024."""
-  c = default()
-  c.train.update(trainable="lora+embeddings", learning_rate=1e-4, weight_decay=0.01,
-                 warmup_ratio=0.05, schedule="cosine")
-  c.lora.update(rank=8, alpha=32.0, dropout=0.05)
-  c.data.kind = "text"
-  if preset != "tiny":
-    paper_scale(c, preset, model_config.CHINESE_LLAMA_VOCAB, global_batch=1024)
-  return c
-
-
-def sft(preset: str = "tiny") -> ml_collections.ConfigDict:
-  """Instruction tuning: Alpaca template, loss on the response; LoRA r 8 / alpha 32 / dropout 0.05
-  plus embedding and LM head; lr 1e-4, warmup ratio 0.03, weight decay 0, max length 512, global
-  batch 512; the Chinese-Alpaca vocabulary (49,954 with [PAD]). "Plus": lora.rank=64, alpha=128."""
-  c = default()
-  c.train.update(trainable="lora+embeddings", learning_rate=1e-4, weight_decay=0.0,
-                 warmup_ratio=0.03, schedule="cosine")
-  c.lora.update(rank=8, alpha=32.0, dropout=0.05)
-  c.data.kind = "sft"
-  c.data.pack = True  # short examples share rows instead of padding (issue 14)
-  c.vocab.strict = False  # Chinese-LLaMA (49,953) is resized to the Alpaca tokenizer (49,954)
-  if preset != "tiny":
-    paper_scale(c, preset, model_config.CHINESE_ALPACA_VOCAB, global_batch=512)
-  return c
+def load(name: str, arg: str = "") -> ml_collections.ConfigDict:
+  """`get_config(arg)` of the repository's `configs/<name>.py` (e.g. load("sft", "7b")), for code
+  that is not started with `--config` (the demo pipeline, notebooks, benchmarks)."""
+  path = os.path.join(CONFIGS, f"{name}.py")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config {path}: no such file; expected one of "
+                            f"{sorted(f[:-3] for f in os.listdir(CONFIGS) if f.endswith('.py'))}")
+  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

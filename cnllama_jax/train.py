@@ -2,8 +2,9 @@
 
 Frozen and trainable params are two pytrees (DESIGN.md, decision 1): the gradient is taken with
 respect to `trainable` only, so no frozen weight gets a gradient and the optimizer state covers only
-what trains. `train_step(state, batch) -> (state, metrics)` is pure and jitted once with explicit
-shardings, donating the state.
+what trains. `train_step(frozen, state, batch) -> (state, metrics)` is pure; `cnllama_jax.plan`
+jits it once with explicit shardings, donating the state (never the frozen tree). The TrainState
+is exactly what a checkpoint holds.
 
 A batch is a dict of int32 [batch, length] arrays: `input_ids`, `attention_mask` and `labels`
 (aligned with input_ids, -100 = no loss; the step shifts them by one).
@@ -22,14 +23,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnllama_jax import sharding as shd
 from cnllama_jax.data.encode import IGNORE_INDEX as IGNORE
-from cnllama_jax.lora import combine, split
+from cnllama_jax.lora import combine
 from cnllama_jax.model import Llama, mask_padded_vocab
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 []
-  frozen: Any  # params that never change
   trainable: Any  # fp32 master copies of the params that train
   opt_state: Any
   rng: jax.Array  # uint32 [2] raw key data (checkpointable)
@@ -96,7 +96,7 @@ def _token_stats(logits: jax.Array, labels: jax.Array, vocab_offset) -> tuple:
   return shard_max, sum_exp, label_logit
 
 
-def _finish(shard_max, sum_exp, label_logit, global_max, labels):
+def _finish(sum_exp, label_logit, global_max, labels):
   """Loss sum, correct count and token count from the combined shard statistics."""
   logsumexp = global_max + jnp.log(sum_exp)
   valid = labels != IGNORE
@@ -116,8 +116,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh | None = None
   """
   spec = None if mesh is None else shd.logical_to_spec(shd.ACT_VOCAB, rules, mesh, logits.shape)
   if spec is None or spec[2] is None:
-    stats = _token_stats(logits, labels, 0)
-    return _finish(*stats, stats[0], labels)
+    shard_max, sum_exp, label_logit = _token_stats(logits, labels, 0)
+    return _finish(sum_exp, label_logit, shard_max, labels)
   vocab_axes = spec[2] if isinstance(spec[2], tuple) else (spec[2],)
   row_spec = PartitionSpec(spec[0], spec[1])
 
@@ -132,7 +132,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mesh: Mesh | None = None
 
   global_max, sum_exp, label_logit = jax.shard_map(
       local, mesh=mesh, in_specs=(spec, row_spec), out_specs=(row_spec,) * 3)(logits, labels)
-  return _finish(global_max, sum_exp, label_logit, global_max, labels)
+  return _finish(sum_exp, label_logit, global_max, labels)
 
 
 def chunked_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array, vocab_size: int,
@@ -203,7 +203,7 @@ def _row_mask_updates(updates: Any, row_range: tuple[int, int] | None) -> Any:
 def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, micro_batches: int = 1,
                     new_rows: tuple[int, int] | None = None) -> Callable:
-  """Builds `train_step(state, batch) -> (state, metrics)`.
+  """Builds `train_step(frozen, state, batch) -> (state, metrics)`.
 
   micro_batches: gradient accumulation; the batch is split into that many strided micro-batches
   (rows i, i+k, i+2k, ... so each data shard holds an equal part of each) and the loss is the mean
@@ -221,7 +221,7 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(frozen: Any, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     total_tokens = jnp.maximum(jnp.sum(batch["labels"][:, 1:] != IGNORE), 1).astype(jnp.float32)
     k = micro_batches
@@ -230,7 +230,7 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
       grads, loss_sum, correct, count = carry
       index, mb = inputs
       mb = {key: shd.constrain(v, shd.BATCH, mesh, rules) for key, v in mb.items()}
-      g, (l, c, n) = grad_fn(state.trainable, state.frozen, mb, jax.random.fold_in(rng, index),
+      g, (l, c, n) = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(rng, index),
                              total_tokens)
       grads = jax.tree_util.tree_map(jnp.add, grads, g)
       return (grads, loss_sum + l, correct + c, count + n), None
@@ -258,11 +258,11 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(model: Llama) -> Callable:
-  """`eval_step(state, batch) -> {loss_sum, correct, tokens}` with dropout off."""
+  """`eval_step(frozen, state, batch) -> {loss_sum, correct, tokens}` with dropout off."""
   model = model.clone(deterministic=True)
 
-  def eval_step(state: TrainState, batch: dict) -> dict:
-    params = combine(state.frozen, state.trainable)
+  def eval_step(frozen: Any, state: TrainState, batch: dict) -> dict:
+    params = combine(frozen, state.trainable)
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1],
                                                                    IGNORE)], axis=1)
     loss_sum, correct, count = model_loss(model, params, batch, labels)
@@ -270,47 +270,21 @@ def make_eval_step(model: Llama) -> Callable:
   return eval_step
 
 
-def init_state(frozen: Any, trainable: Any, optimizer: optax.GradientTransformation,
-               seed: int) -> TrainState:
+def init_state(trainable: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
   """A fresh state at step 0; trainable params become fp32 master weights."""
   trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32, copy=True), trainable)
-  return TrainState(step=jnp.int32(0), frozen=frozen, trainable=trainable,
+  return TrainState(step=jnp.int32(0), trainable=trainable,
                     opt_state=optimizer.init(trainable),
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def state_shardings(state_shape: TrainState, param_shardings: dict, mesh: Mesh,
+def state_shardings(state_shape: TrainState, trainable_shardings: Any, mesh: Mesh,
                     optimizer: optax.GradientTransformation) -> TrainState:
-  """Shardings of a TrainState: params by their logical names, optimizer moments like their
-  params, everything else replicated. param_shardings: flat {path: NamedSharding}."""
+  """Shardings of a TrainState: trainable params as given (a tree shaped like `trainable`),
+  optimizer moments like their params, step and rng replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  trainable_paths = {"/".join(k) for k in flax.traverse_util.flatten_dict(state_shape.trainable)}
-  full = flax.traverse_util.unflatten_dict({tuple(k.split("/")): v
-                                            for k, v in param_shardings.items()})
-  frozen_sh, trainable_sh = split(full, trainable_paths)
   opt_sh = optax.tree_map_params(
-      optimizer, lambda _, sharding: sharding, state_shape.opt_state, trainable_sh,
+      optimizer, lambda _, sharding: sharding, state_shape.opt_state, trainable_shardings,
       transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, frozen=frozen_sh, trainable=trainable_sh, opt_state=opt_sh,
+  return TrainState(step=replicated, trainable=trainable_shardings, opt_state=opt_sh,
                     rng=replicated)
-
-
-def jit_train_step(train_step: Callable, shardings: TrainState, batch_sharding) -> Callable:
-  """Jits `train_step` once with explicit in/out shardings, donating the state's trainable params,
-  optimizer state, step and rng. The frozen params go in as a separate, non-donated argument: they
-  are read, never copied, and the caller's references stay valid."""
-  without_frozen = shardings.replace(frozen=None)
-
-  def step_without_frozen(frozen, state, batch):
-    new_state, metrics = train_step(state.replace(frozen=frozen), batch)
-    return new_state.replace(frozen=None), metrics
-
-  jitted = jax.jit(step_without_frozen, in_shardings=(shardings.frozen, without_frozen,
-                                                      batch_sharding),
-                   out_shardings=(without_frozen, None), donate_argnums=1)
-
-  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    new_state, metrics = jitted(state.frozen, state.replace(frozen=None), batch)
-    return new_state.replace(frozen=state.frozen), metrics
-  step.lower = lambda state, batch: jitted.lower(state.frozen, state.replace(frozen=None), batch)
-  return step

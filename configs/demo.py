@@ -39,18 +39,18 @@ def get_config(arg: str = ""):
   c.stage0.lora.rank = 0
   c.stage0.data.kind = "text"
 
-  c.stage1 = run_config.pretrain_stage1()
+  c.stage1 = run_config.load("pretrain_stage1")
   c.stage1.train.update(learning_rate=5e-3, steps=60, global_batch_size=16, seq_len=128,
                         log_every=10, eval_every=0, warmup_ratio=0.05)
   # New embedding rows: "normal" (HF's N(0, 0.02^2)) or "mean" of the base rows (and
   # "subword_mean" once vocab.resize has it, issue 16); the summary reports the held-out Chinese
   # loss at stage-1 step 0 and after stage 1 for this choice (`--config.stage1.vocab.init=mean`).
   c.stage1.vocab.init = "normal"
-  c.stage2 = run_config.pretrain_stage2()
+  c.stage2 = run_config.load("pretrain_stage2")
   c.stage2.train.update(learning_rate=3e-3, steps=120, global_batch_size=16, seq_len=128,
                         log_every=10, eval_every=0)
   c.stage2.lora.update(rank=16, alpha=32.0)
-  c.sft = run_config.sft()
+  c.sft = run_config.load("sft")
   c.sft.train.update(learning_rate=3e-3, steps=120, global_batch_size=16, seq_len=128,
                      log_every=10, eval_every=120)
   c.sft.lora.update(rank=16, alpha=32.0)

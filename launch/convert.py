@@ -67,17 +67,19 @@ def _tokenizer_dir(args) -> str | None:
 
 def _from_workdir(workdir: str):
   """(cfg, params with adapters, LoraConfig, trained whole modules) of a run's newest checkpoint,
-  rebuilt from the config.json the run saved (its base model and tokenizer paths must resolve)."""
+  restored into the plan of the config.json the run saved (its base model and tokenizer paths
+  must resolve); no optimizer or train step is built."""
   import ml_collections  # pylint: disable=import-outside-toplevel
-  from cnllama_jax import experiment  # pylint: disable=import-outside-toplevel
+  from cnllama_jax import build, plan as plan_lib  # pylint: disable=import-outside-toplevel
   path = paths.join(workdir, "config.json")
   if not paths.isfile(path):
     raise FileNotFoundError(f"--workdir {workdir}: no config.json; expected a launch/train.py "
                             "workdir")
   config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
-  run_ = experiment.build(config)
-  checkpoints = checkpoint.Checkpoints(workdir, config, run_,
-                                       checkpoint.base_source(config, False), async_save=False)
+  plan = plan_lib.plan(config)
+  frozen, _ = lora_lib.split(build.load_params(plan), plan.trainable_mask)
+  checkpoints = checkpoint.Checkpoints(workdir, plan, frozen, checkpoint.base_source(config, False),
+                                       async_save=False)
   try:
     state = checkpoints.restore()
   finally:
@@ -85,7 +87,7 @@ def _from_workdir(workdir: str):
   if state is None:
     raise FileNotFoundError(f"--workdir {workdir}: no checkpoint in {checkpoints.directory}")
   modules = tuple(n for n in ("embed_tokens", "lm_head") if n in state.trainable)
-  return run_.cfg, lora_lib.combine(state.frozen, state.trainable), run_.lora, modules
+  return plan.cfg, lora_lib.combine(frozen, state.trainable), plan.lora, modules
 
 
 def _export_workdir(args) -> str:

@@ -1,10 +1,11 @@
 """Trains a stage of the paper: `python launch/train.py --config=configs/<x>.py[:preset]
 --config.a.b=value --workdir=DIR`.
 
-The story of a run (cnllama_jax.trainer.fit): mesh -> base model (HF import or random init) ->
-vocabulary resized to the tokenizer -> LoRA adapters -> frozen/trainable split -> sharded state ->
-data -> steps, logging loss, tokens/s and MFU, TensorBoard scalars in the workdir, evaluation every
-`train.eval_every` steps. `--config.dry_run=True` only reports sizes, allocating nothing.
+The story of a run, top to bottom in `_main`: config -> plan (abstract: model after the tokenizer
+resize, LoRA, trainable mask, shardings; cnllama_jax.plan) -> dry run (`--config.dry_run=True`
+reports sizes, allocating nothing) -> build (base import or random init, vocabulary resize,
+adapters, state on the mesh) -> data -> writers (console progress, TensorBoard and metrics.jsonl
+in the workdir) -> fit (steps, evaluation every `train.eval_every` steps, checkpoints) -> summary.
 
 Rerunning with the same --workdir resumes from its latest complete checkpoint; SIGTERM saves and
 exits 0. A known problem (bad config or flag, missing path, unwritable workdir, diverged loss, a
@@ -24,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from cnllama_jax import checkpoint, cli, experiment, paths, pipeline, trainer  # noqa: E402
+from cnllama_jax import build, checkpoint, cli, paths, pipeline, plan as plan_lib  # noqa: E402
+from cnllama_jax import run_data, trainer, writers as writers_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
@@ -50,8 +52,8 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def print_dry_run(config) -> None:
-  report = experiment.dry_run(config)
+def print_dry_run(plan: plan_lib.Plan) -> None:
+  report = plan_lib.dry_run(plan)
   print(f"params: total={report['total']} trainable={report['trainable']} "
         f"({report['percent']:.2f}%)")
   print(f"bytes per device ({report['devices']} devices): params="
@@ -107,20 +109,51 @@ def main(argv) -> None:
     cli.fail(cli.one_line(err))
 
 
+def print_summary(result: dict) -> None:
+  """The last logged step and evaluation (all of them are in <workdir>/metrics.json)."""
+  if result["history"]:
+    last = result["history"][-1]
+    print(f"finished at step {last['step']}: loss {last['loss']:.4f}", flush=True)
+  if result["eval"]:
+    print(f"eval loss {result['eval']['eval_loss']:.4f} "
+          f"ppl {result['eval']['eval_perplexity']:.2f}", flush=True)
+
+
 def _main(argv) -> None:
   del argv
   config = _CONFIG.value
-  if config.dry_run and "pipeline" not in config:
-    print_dry_run(config)
+  if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
+    workdir = _require_workdir()
+    maybe_initialize_distributed()
+    paths.tag_logs_with_process()
+    pipeline.run(config, workdir, verbose=_VERBOSE.value)
     return
+  workdir = "" if config.dry_run else _require_workdir()
+  trainer.check_paths(config)
+  if not config.dry_run:
+    maybe_initialize_distributed()
+    paths.tag_logs_with_process()
+  plan = plan_lib.plan(config)  # abstract: nothing allocated yet
+  if config.dry_run:
+    print_dry_run(plan)
+    return
+  trainer.prepare_workdir(workdir, config)  # writable, and config.json written
+  logging.info("mesh %s; model %s; LoRA %s; trainable %s", dict(plan.mesh.shape), plan.cfg,
+               plan.lora, plan.stage)
+  run = build.build(plan)
+  data = run_data.datasets(plan.data, plan.cfg.vocab_size, workdir)
+  writers = writers_lib.for_run(workdir, config.train.steps)
+  try:
+    result = trainer.fit(run, data, workdir, writers)
+  finally:
+    writers.close()
+  print_summary(result)
+
+
+def _require_workdir() -> str:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required (logs, config and checkpoints go there)")
-  maybe_initialize_distributed()
-  paths.tag_logs_with_process()
-  if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
-    pipeline.run(config, _WORKDIR.value, verbose=_VERBOSE.value)
-  else:
-    trainer.fit(config, _WORKDIR.value)
+  return _WORKDIR.value
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def main() -> None:
     config = ml_collections.ConfigDict(json.load(f))
   print(f"process {process_id}: {jax.local_device_count()} of {jax.device_count()} devices",
         flush=True)
-  result = trainer.fit(config, workdir)
+  result = trainer.train(config, workdir)
   print(f"process {process_id}: finished, preempted={result['preempted']}", flush=True)
 
 

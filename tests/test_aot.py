@@ -49,7 +49,7 @@ def test_topology_description_rejects_bad_names(name, message):
 
 @needs_libtpu
 def test_tiny_stage2_compiles_and_fits_on_v5e_8():
-  config = run_config.pretrain_stage2()  # tiny model, LoRA + embeddings, batch 8 x 64
+  config = run_config.load("pretrain_stage2")  # tiny model, LoRA + embeddings, batch 8 x 64
   report = aot.compile_report(config, "v5e-8")
   assert (report.topology, report.chips, report.micro_batches) == ("v5e-8", 8, 1)
   assert report.argument_bytes > 0 and report.output_bytes > 0 and report.temp_bytes > 0

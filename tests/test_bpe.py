@@ -278,7 +278,7 @@ def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
   from cnllama_jax import pipeline, run_config, trainer
   from cnllama_jax import sharding as shd
   _, base, _, result = built
-  stages = {"stage1": run_config.pretrain_stage1(), "sft": run_config.sft()}
+  stages = {"stage1": run_config.load("pretrain_stage1"), "sft": run_config.load("sft")}
   previous, first_loss = None, {}
   for name, c in stages.items():
     c.model = run_config.model_fields("tiny-llama3", vocab_size=504)
@@ -287,7 +287,7 @@ def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
     c.data.kind = "synthetic"
     c.train.update(steps=2, global_batch_size=4, seq_len=16, log_every=1, learning_rate=1e-2,
                    warmup_ratio=0.0)
-    out = trainer.fit(c, str(tmp_path / name), mesh=shd.single_device_mesh(), base=previous)
+    out = trainer.train(c, str(tmp_path / name), mesh=shd.single_device_mesh(), base=previous)
     run = out["run"]
     assert run.cfg.vocab_size == result.num_pieces and run.cfg.tie_word_embeddings
     assert run.cfg.rope_theta == 500000.0 and run.cfg.num_key_value_heads == 2
@@ -295,7 +295,7 @@ def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     first_loss[name] = losses[0]
     if name == "stage1":  # the new rows started as their sub-piece means
-      embed = np.asarray(jax.device_get(run.state.trainable["embed_tokens"]))
+      embed = np.asarray(jax.device_get(out["state"].trainable["embed_tokens"]))
       assert embed.shape[0] % 128 == 0 and not embed[result.num_pieces:].any()
     previous = pipeline.trained_params(out)
   assert set(first_loss) == {"stage1", "sft"}

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from cnllama_jax import checkpoint, experiment, sharding as shd, trainer
+from cnllama_jax import build, checkpoint, plan as plan_lib, sharding as shd, trainer
+from cnllama_jax import writers
 from tests import checkpoint_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +36,7 @@ def launch(workdir, *overrides, **popen) -> subprocess.Popen:
 
 
 def losses(workdir) -> dict[int, float]:
-  with open(os.path.join(workdir, trainer.HISTORY), encoding="utf-8") as f:
+  with open(os.path.join(workdir, writers.HISTORY), encoding="utf-8") as f:
     return {row["step"]: row["loss"] for row in map(json.loads, f)}
 
 
@@ -64,7 +65,7 @@ def read_until(proc: subprocess.Popen, prefix: str) -> list[str]:
 def reference(tmp_path_factory):
   """The uninterrupted run: its workdir (checkpoints 6, 9, 12) and its per-step losses."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  result = trainer.fit(checkpoint_config.get_config(), workdir)
+  result = trainer.train(checkpoint_config.get_config(), workdir)
   assert result["preempted"] is None and steps_on_disk(workdir) == [6, 9, 12]
   return workdir, losses(workdir)
 
@@ -78,7 +79,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_losses(tmp_path, r
   proc.kill()
   proc.communicate()
   assert proc.returncode == -signal.SIGKILL, f"killed after step {kill_after}"
-  trainer.fit(checkpoint_config.get_config(), str(tmp_path))
+  trainer.train(checkpoint_config.get_config(), str(tmp_path))
   assert losses(tmp_path) == reference[1], f"killed after step {kill_after}"
 
 
@@ -103,7 +104,7 @@ def test_damaged_latest_checkpoints_are_reported_and_the_previous_one_is_used(
       path = os.path.join(root, name)
       os.truncate(path, os.path.getsize(path) // 2)
   shutil.rmtree(os.path.join(checkpoints, "9", "state"))  # a missing directory
-  trainer.fit(checkpoint_config.get_config(), workdir)
+  trainer.train(checkpoint_config.get_config(), workdir)
   err = capfd.readouterr().err
   assert re.search(r"warning: checkpoint step 12 in .* is damaged", err), err
   assert re.search(r"warning: checkpoint step 9 in .* is damaged", err), err
@@ -118,7 +119,7 @@ def test_damaged_latest_checkpoints_are_reported_and_the_previous_one_is_used(
 def real_rows(state, vocab=99) -> dict:
   """Saved leaves as numpy, vocabulary leaves cut to the real rows (padding is mesh-dependent)."""
   out = {}
-  leaves = jax.tree_util.tree_flatten_with_path(checkpoint.state_item(state))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   for path, x in leaves:
     name, x = checkpoint.leaf_name(path), np.asarray(x)
     axis = checkpoint.VOCAB_AXIS.get(name.rsplit(".", 1)[-1])
@@ -133,11 +134,11 @@ def test_a_checkpoint_from_8_devices_restores_onto_4_and_onto_1(tmp_path):
   config = checkpoint_config.get_config()
   config.train.steps = 6
   config.mesh.shape = (2, 2, 2)  # vocabulary 99 padded to 256 here, to 128 on the meshes below
-  eight = trainer.fit(config, str(tmp_path / "eight"))
-  saved = real_rows(eight["run"].state)
+  eight = trainer.train(config, str(tmp_path / "eight"))
+  saved = real_rows(eight["state"])
 
-  four = experiment.build(config, shd.make_mesh((1, -1, 1), jax.devices()[:4]))
-  restorer = checkpoint.Checkpoints(str(tmp_path / "eight"), config, four,
+  four = build.build(plan_lib.plan(config, shd.make_mesh((1, -1, 1), jax.devices()[:4])))
+  restorer = checkpoint.Checkpoints(str(tmp_path / "eight"), four.plan, four.frozen,
                                     checkpoint.base_source(config, False))
   restored = restorer.restore()
   restorer.close()
@@ -149,8 +150,8 @@ def test_a_checkpoint_from_8_devices_restores_onto_4_and_onto_1(tmp_path):
 
   workdir = copy_run(tmp_path / "eight", tmp_path / "one")
   shutil.rmtree(os.path.join(workdir, checkpoint.SUBDIR, "6"))
-  one = trainer.fit(config, workdir, mesh=shd.single_device_mesh())  # resumes from step 3
-  assert one["run"].mesh.size == 1 and len(one["history"]) == 6
+  one = trainer.train(config, workdir, mesh=shd.single_device_mesh())  # resumes from step 3
+  assert one["run"].plan.mesh.size == 1 and len(one["history"]) == 6
   got, want = losses(workdir), losses(tmp_path / "eight")
   np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], atol=1e-5)
 
@@ -188,8 +189,8 @@ def test_two_processes_preempted_together_resume_on_one_process_with_the_same_lo
   assert stops[0] == stops[1] < 40 and steps_on_disk(workdir) == [stops[0]]
 
   mesh = shd.make_mesh((1, -1, 1), jax.devices()[:4])
-  trainer.fit(config, workdir, mesh=mesh)
-  trainer.fit(config, str(tmp_path / "uninterrupted"), mesh=mesh)
+  trainer.train(config, workdir, mesh=mesh)
+  trainer.train(config, str(tmp_path / "uninterrupted"), mesh=mesh)
   got, want = losses(workdir), losses(tmp_path / "uninterrupted")
   assert sorted(got) == list(range(1, 41))
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],

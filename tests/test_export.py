@@ -190,7 +190,7 @@ def test_peft_export_loads_with_peft_from_pretrained(tmp_path):
   assert diff <= TOL
   loaded, tree, modules = adapters.load_peft(out)
   assert loaded == lora
-  ours = lora_lib.split(with_lora, lora_lib.trainable_paths(with_lora, "lora"))[1]
+  ours = lora_lib.split(with_lora, lora_lib.trainable_mask(with_lora, "lora"))[1]
   assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), ours, tree))
   assert np.array_equal(modules["lm_head"], np.asarray(params["lm_head"])[:, :131])
 
@@ -352,8 +352,9 @@ def test_convert_exports_a_training_workdir(tmp_path):
   config = run_config.default()  # random tiny base, synthetic data, LoRA + embeddings + head
   config.train.update(dict(global_batch_size=8, seq_len=16, steps=2, log_every=2))
   config.lora.update(dict(rank=4, alpha=8.0, dropout=0.0))
-  run = trainer.fit(config, str(tmp_path / "run"))["run"]
-  params = lora_lib.combine(run.state.frozen, run.state.trainable)
+  result = trainer.train(config, str(tmp_path / "run"))
+  run = result["run"]
+  params = lora_lib.combine(run.frozen, result["state"].trainable)
   ids = _ids(run.cfg.vocab_size, seed=20)
   expected = cnllama_jax.logits(run.cfg, params, ids, lora=run.lora)
   out = str(tmp_path / "hf")

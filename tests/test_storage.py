@@ -190,8 +190,8 @@ CONFIG = os.path.join(REPO, "tests", "checkpoint_config.py")
 
 def _losses(workdir) -> dict[int, float]:
   import json
-  from cnllama_jax import trainer
-  text = paths.read_text(paths.join(workdir, trainer.HISTORY))
+  from cnllama_jax import writers
+  text = paths.read_text(paths.join(workdir, writers.HISTORY))
   return {row["step"]: row["loss"] for row in map(json.loads, text.splitlines())}
 
 
@@ -203,7 +203,7 @@ def test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_identical_losses
   from tests import checkpoint_config
   bucket = gcs.bucket()
   reference = f"{bucket}/reference"
-  trainer.fit(checkpoint_config.get_config(), reference)
+  trainer.train(checkpoint_config.get_config(), reference)
   assert paths.exists(f"{reference}/config.json") and paths.exists(f"{reference}/metrics.json")
   assert any(n.startswith("events.out") for n in paths.listdir(f"{reference}/tensorboard"))
   workdir = f"{bucket}/killed"
@@ -219,7 +219,7 @@ def test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_identical_losses
   assert proc.returncode == -signal.SIGKILL, err[-2000:]
   saved = sorted(int(n) for n in paths.listdir(f"{workdir}/{checkpoint.SUBDIR}") if n.isdigit())
   assert saved and max(saved) < 12
-  trainer.fit(checkpoint_config.get_config(), workdir)
+  trainer.train(checkpoint_config.get_config(), workdir)
   assert _losses(workdir) == _losses(reference)
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local folder 'gs:'
 
@@ -230,6 +230,6 @@ def test_a_workdir_in_a_missing_bucket_is_a_one_line_error(gcs):
   with pytest.raises(checkpoint.CheckpointError,
                      match="^gs://no-such-bucket-z/run: bucket gs://no-such-bucket-z does not "
                            "exist") as err:
-    trainer.fit(checkpoint_config.get_config(), "gs://no-such-bucket-z/run")
+    trainer.train(checkpoint_config.get_config(), "gs://no-such-bucket-z/run")
   assert "\n" not in str(err.value)
   assert not paths.exists("gs://no-such-bucket-z")

@@ -1,0 +1,58 @@
+"""LoRA: adapters reproduce the base when fresh, PEFT's init, merge, target and partition errors."""
+import jax
+import numpy as np
+import pytest
+
+from cnllama_jax import config as model_config
+from cnllama_jax import lora as lora_lib, model
+from tests.runs import flat
+
+
+# --- LoRA ----------------------------------------------------------------------------------------
+
+def test_fresh_lora_reproduces_the_base_logits():
+  cfg = model_config.preset("tiny", vocab_size=99)
+  base = model.init_params(cfg, jax.random.key(0))
+  lora = lora_lib.LoraConfig(rank=4, alpha=8.0)
+  with_adapters = lora_lib.combine(base, lora_lib.init_adapters(cfg, lora, jax.random.key(1)))
+  assert lora_lib.check_adapters(with_adapters, cfg.num_hidden_layers, lora) == 2 * 7
+  ids = np.arange(1, 21, dtype=np.int32).reshape(2, 10)
+  np.testing.assert_array_equal(model.logits(cfg, base, ids),
+                                model.logits(cfg, with_adapters, ids, lora=lora))
+
+
+def test_lora_a_follows_peft_kaiming_uniform_and_b_is_zero():
+  cfg = model_config.preset("tiny", vocab_size=99)
+  adapters = flat(lora_lib.init_adapters(cfg, lora_lib.LoraConfig(rank=8), jax.random.key(0)))
+  a = adapters["layers/mlp/down_proj/lora_a"]  # [layers, in=176, r]
+  bound = 1 / np.sqrt(176)
+  assert a.shape == (2, 176, 8) and np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound
+  assert not adapters["layers/mlp/down_proj/lora_b"].any()
+
+
+def test_merged_lora_equals_the_adapted_forward():
+  cfg = model_config.preset("tiny-gqa", vocab_size=99)
+  lora = lora_lib.LoraConfig(rank=4, alpha=16.0)
+  params = model.init_params(cfg, jax.random.key(0), lora)
+  params = jax.tree_util.tree_map_with_path(  # non-zero B, so the adapters matter
+      lambda p, x: x + 0.05 if str(p[-1].key) == "lora_b" else x, params)
+  ids = np.arange(1, 25, dtype=np.int32).reshape(2, 12)
+  adapted = np.asarray(model.logits(cfg, params, ids, lora=lora))
+  merged = lora_lib.merge(params, lora)
+  assert not any(k.endswith("lora_a") for k in flat(merged))
+  is_adapter = jax.tree_util.tree_map_with_path(lambda p, _: "lora" in str(p[-1].key), params)
+  base = lora_lib.split(params, is_adapter)[0]
+  assert np.abs(adapted - np.asarray(model.logits(cfg, base, ids))).max() > 1e-3
+  assert np.abs(adapted - np.asarray(model.logits(cfg, merged, ids))).max() <= 1e-5
+
+
+def test_adapter_on_a_missing_target_is_an_error():
+  cfg = model_config.preset("tiny", vocab_size=99)
+  params = model.init_params(cfg, jax.random.key(0), lora_lib.LoraConfig(rank=2, targets=("q_proj",)))
+  with pytest.raises(ValueError, match=r"missing \['v_proj'\]"):
+    lora_lib.check_adapters(params, 2, lora_lib.LoraConfig(rank=2, targets=("q_proj", "v_proj")))
+
+
+def test_unknown_param_matches_no_partition_rule():
+  with pytest.raises(ValueError, match=r"param 'layers/self_attn/q_proj/bias' matches no partition"):
+    lora_lib.param_group("layers/self_attn/q_proj/bias")
