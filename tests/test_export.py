@@ -425,6 +425,18 @@ def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_
   assert "(vocab 131, 2 layers)" in chat.stderr and " tokens, " in chat.stderr
 
 
+def test_meta_export_of_a_workdir_carries_its_tokenizer(tokenized_run):
+  import transformers
+  tmp, config, run = tokenized_run
+  out = str(tmp / "meta")
+  assert convert.main(["export", "--format", "meta", "--workdir", str(tmp / "run"),
+                       "--out", out]) == 0
+  with open(os.path.join(out, "tokenizer.model"), "rb") as f, open(config.tokenizer, "rb") as g:
+    assert f.read() == g.read()
+  assert len(transformers.AutoTokenizer.from_pretrained(out)) == 131 == run.cfg.vocab_size
+  assert export.load_meta(out)[0].vocab_size == 131
+
+
 def test_generate_without_a_tokenizer_is_a_one_line_error(tmp_path):
   import subprocess
   import sys
