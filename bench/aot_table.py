@@ -114,11 +114,17 @@ def compile_cell(model: str, stage: str, topology: str) -> dict:
 
 
 def format_cell(cell: dict | None, version: dict) -> str:
-  if cell is None or not is_current(cell, version):
+  """The figure of a cell made from the current code; a cell made from other code is marked
+  "not regenerated" with its old figure and commit (never shown as current)."""
+  if cell is None:
     return NOT_REGENERATED
   if cell["oom"] or not cell["fits"]:
-    return f"does not fit (accum {cell['micro_batches']})"
-  return f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
+    figure = f"does not fit (accum {cell['micro_batches']})"
+  else:
+    figure = f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
+  if is_current(cell, version):
+    return figure
+  return f"{NOT_REGENERATED} (was {figure.replace(', fits', '')} at {cell['commit'][:8]})"
 
 
 def table(results: dict, version: dict) -> str:
@@ -131,11 +137,13 @@ def table(results: dict, version: dict) -> str:
       lines.append(f"| {model.upper()} | {stage} | " + " | ".join(cells) + " |")
   current = [k for k, c in results.items() if is_current(c, version)]
   commits = sorted({results[k]["commit"] for k in current})
-  lines += ["", f"Made by `python bench/aot_table.py` from commit {', '.join(commits) or '-'} "
-                f"(jax {version['jax']}, libtpu {version['libtpu']}): {len(current)} of "
-                f"{len(MODELS) * len(STAGES) * len(TOPOLOGIES)} cells regenerated from this code; "
-                f"\"{NOT_REGENERATED}\": no figure from it yet. Per-cell figures, compile times "
-                "and rejected accumulations: `bench/aot_table.json`."]
+  lines += ["", f"Made by `python bench/aot_table.py` at commit {version['commit']} (jax "
+                f"{version['jax']}, libtpu {version['libtpu']}): {len(current)} of "
+                f"{len(MODELS) * len(STAGES) * len(TOPOLOGIES)} cells compiled from this code"
+                + (f" (at {', '.join(commits)})" if commits else "")
+                + f"; \"{NOT_REGENERATED}\": no figure from it yet (an older one, where stored, "
+                "with the commit it was made at). Per-cell figures, compile times and rejected "
+                "accumulations: `bench/aot_table.json`."]
   return "\n".join(lines)
 
 

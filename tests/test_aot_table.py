@@ -67,6 +67,8 @@ def test_readme_table_shows_only_cells_of_the_current_code(table_script, tmp_pat
           if line.startswith("| 7B") or line.startswith("| 33B")}
   assert rows["| 7B | pretrain_stage1"] == (
       "| 7B | pretrain_stage1 | 9.39 GiB, accum 2, fits | not regenerated | not regenerated |")
-  assert rows["| 7B | sft"].startswith("| 7B | sft | not regenerated |")  # other code: not shown
+  assert rows["| 7B | sft"].startswith(  # made from other code: never shown as current
+      "| 7B | sft | not regenerated (was 10.70 GiB, accum 2 at abc123) |")
   assert rows["| 33B | sft"].startswith("| 33B | sft | does not fit (accum 2) |")
-  assert "from commit abc123 (jax 0.10.2, libtpu 0.0.52): 2 of 27 cells regenerated" in text
+  assert ("at commit abc123 (jax 0.10.2, libtpu 0.0.52): 2 of 27 cells compiled from this code "
+          "(at abc123)") in text
