@@ -1,6 +1,6 @@
 """How long a checkpoint save holds up training: blocking vs asynchronous, tiny and mid models.
 
-    /work/venv/bin/python bench/checkpoint_save.py [--repeats 3] [--devices 8]
+    python bench/checkpoint_save.py [--repeats 3] [--devices 8]
 
 Models (stage lora+embeddings, LoRA r 8 on all seven modules, fp32 AdamW state):
   tiny  the test shapes (hidden 64, 2 layers, vocabulary 99);

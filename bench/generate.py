@@ -1,6 +1,6 @@
 """Decode speed of cnllama_jax.generate vs `transformers` generate() on the same weights (CPU).
 
-    /work/venv/bin/python bench/generate.py [--new_tokens 128] [--models tiny,mid] [--repeats 3]
+    python bench/generate.py [--new_tokens 128] [--models tiny,mid] [--repeats 3]
 
 For each model (random weights, fp32, the paper's sampling settings): batch-1 decode tokens/s of
 ours and of transformers (median time between streamed tokens, compile excluded); per-token time

@@ -1,7 +1,7 @@
 """Hugging Face import (cnllama_jax.load_hf) vs reading the same safetensors files raw: seconds,
 throughput and peak RSS, each method in a fresh subprocess.
 
-    /work/venv/bin/python bench/hf_import.py [--rounds 3] [--dir /tmp/hf_mid] [--keep]
+    python bench/hf_import.py [--rounds 3] [--dir /tmp/hf_mid] [--keep]
 
 The model: LLaMA shapes hidden 1024, FFN 2816, 8 layers, 16 heads, vocabulary 49,954, fp32
 (204 M params, 0.82 GB), random weights from `transformers`, written with

@@ -1,7 +1,7 @@
 """Stage-2 train step on the CPU: cnllama_jax vs PyTorch + PEFT on identical shapes.
 
-    nice /work/venv/bin/python bench/train_step.py [--rounds 5] [--steps 2] [--dropout 0,0.05]
-    /work/venv/bin/python bench/train_step.py --profile      # where our step's time goes
+    nice python bench/train_step.py [--rounds 5] [--steps 2] [--dropout 0,0.05]
+    python bench/train_step.py --profile      # where our step's time goes
 
 The step is the paper's stage 2 (Cui et al. 2023, Sec. 3.1): LoRA r 8 / alpha 32 on q,k,v,o,gate,
 up,down plus a trainable embedding and LM head (PEFT `modules_to_save`), AdamW, global-norm clip

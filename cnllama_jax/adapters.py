@@ -21,21 +21,25 @@ from flax import traverse_util
 from cnllama_jax import export as ex
 from cnllama_jax import hf, paths, tensor_files
 from cnllama_jax.config import LlamaConfig
-from cnllama_jax.lora import TARGET_MODULES, LoraConfig, adapter_shapes
-from cnllama_jax.model import lora_from_params
+from cnllama_jax.lora import (TARGET_MODULES, LoraConfig, adapter_shapes, lora_for,
+                              lora_from_params, merged_kernel)
 
 PEFT_PREFIX = "base_model.model."
 
 
 def save_peft(cfg: LlamaConfig, params: Any, lora: LoraConfig, out_dir: str, *,
               modules_to_save: tuple[str, ...] = ("embed_tokens", "lm_head"),
-              base_model_name_or_path: str | None = None, overwrite: bool = False) -> str:
+              base_model_name_or_path: str | None = None, tokenizer_dir: str | None = None,
+              overwrite: bool = False) -> str:
   """PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) for `params` holding
-  adapters; `modules_to_save` tensors (the resized embedding / head) are saved whole."""
+  adapters; `modules_to_save` tensors (the resized embedding / head) are saved whole.
+
+  base_model_name_or_path: the base the adapters were trained on (a path or hub name, written to
+  adapter_config.json for `PeftModel.from_pretrained`). tokenizer_dir: the tokenizer of the resized
+  vocabulary (a directory or a .model file), written beside the adapter as the paper's releases do.
+  """
+  lora_for(params, lora, required=True)
   present = lora_from_params(params)
-  if not present.rank or present.rank != lora.rank:
-    raise ValueError(f"params hold LoRA adapters of rank {present.rank}, lora.rank={lora.rank}: "
-                     "save_peft needs params with adapters matching `lora`")
   unknown = set(modules_to_save) - {"embed_tokens", "lm_head"}
   if unknown or (cfg.tie_word_embeddings and "lm_head" in modules_to_save):
     raise ValueError(f"modules_to_save={list(modules_to_save)}; expected a subset of "
@@ -67,6 +71,7 @@ def save_peft(cfg: LlamaConfig, params: Any, lora: LoraConfig, out_dir: str, *,
     ex.write_safetensors(paths.join(tmp, "adapter_model.safetensors"), specs,
                          lambda key: sources[key]())
     ex.write_json(paths.join(tmp, "adapter_config.json"), adapter_config)
+    ex.write_tokenizer(tokenizer_dir, tmp, cfg.vocab_size)
   return out_dir
 
 
@@ -146,12 +151,6 @@ def load_peft(path: str) -> tuple[LoraConfig, dict, dict[str, np.ndarray]]:
 
 # --- merging LoRAs -------------------------------------------------------------------------------
 
-@jax.jit
-def _add_delta(w, a, b, scale):
-  delta = jnp.einsum("lir,lro->lio", a, b, precision=jax.lax.Precision.HIGHEST) * scale
-  return (w.astype(jnp.float32) + delta).astype(w.dtype)  # [layers, in, out]
-
-
 def _put_like(array: np.ndarray, like) -> Any:
   array = array.astype(like.dtype)
   sharding = getattr(like, "sharding", None)
@@ -192,6 +191,22 @@ def apply_modules(cfg: LlamaConfig, params: Any, modules: dict[str, np.ndarray],
   return cfg, params
 
 
+def check_adapter_shapes(cfg: LlamaConfig, lora: LoraConfig, adapters: dict,
+                         name: str = "the LoRA") -> None:
+  """Every target of `lora` has A [layers, in, r] / B [layers, r, out] in `adapters` (the tree
+  `load_peft` returns) of the shapes the base `cfg` needs; else one error naming the module."""
+  for path, (a_shape, b_shape) in adapter_shapes(cfg, lora).items():
+    node = adapters
+    for key in path.split("/"):
+      node = node.get(key, {})
+    a, b = (getattr(node.get(k), "shape", None) for k in ("lora_a", "lora_b"))
+    if (a, b) != (a_shape, b_shape):
+      raise ValueError(f"{name}: {path} has A {a}, B {b}; the base (hidden {cfg.hidden_size}, "
+                       f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, ffn "
+                       f"{cfg.intermediate_size}, {cfg.num_hidden_layers} layers) needs {a_shape}, "
+                       f"{b_shape}: the LoRA is for another model size")
+
+
 def merge_loras(cfg: LlamaConfig, params: Any, loras) -> tuple[LlamaConfig, Any]:
   """Merges LoRAs into a base in order (the paper's Plus then Alpaca): W += (alpha/r) A B per
   LoRA; a LoRA's whole embed_tokens / lm_head replace the base's (the vocabulary grows to theirs),
@@ -203,15 +218,7 @@ def merge_loras(cfg: LlamaConfig, params: Any, loras) -> tuple[LlamaConfig, Any]
   for number, item in enumerate(loras, 1):
     name = f"LoRA {number} ({item})" if isinstance(item, str) else f"LoRA {number}"
     lora, adapters, modules = load_peft(item) if isinstance(item, str) else item
-    expected = adapter_shapes(cfg, lora)
-    for path, (a_shape, b_shape) in expected.items():
-      node = ex.get(adapters, path.split("/"))
-      if (node["lora_a"].shape, node["lora_b"].shape) != (a_shape, b_shape):
-        raise ValueError(f"{name}: {path} has A {node['lora_a'].shape}, B {node['lora_b'].shape}; "
-                         f"the base (hidden {cfg.hidden_size}, heads {cfg.num_attention_heads}/"
-                         f"{cfg.num_key_value_heads} kv, ffn {cfg.intermediate_size}, "
-                         f"{cfg.num_hidden_layers} layers) needs {a_shape}, {b_shape}: the LoRA "
-                         "is for another model size")
+    check_adapter_shapes(cfg, lora, adapters, name)
     vocab = module_vocab(modules)
     if vocab is not None and last and vocab < last[0]:
       raise ValueError(f"{name} has a {vocab}-token vocabulary, smaller than the {last[0]} of "
@@ -223,10 +230,11 @@ def merge_loras(cfg: LlamaConfig, params: Any, loras) -> tuple[LlamaConfig, Any]
     cfg, params = apply_modules(cfg, params, modules, name)
     last = (vocab, name) if vocab is not None else last
     kernels = {}
-    for path in expected:
+    for path in adapter_shapes(cfg, lora):
       node = ex.get(adapters, path.split("/"))
       kernel = ex.get(params, path.split("/") + ["kernel"])
-      kernels[path] = _add_delta(kernel, node["lora_a"], node["lora_b"], np.float32(lora.scale))
+      kernels[path] = merged_kernel(kernel, node["lora_a"], node["lora_b"],
+                                    np.float32(lora.scale))
     params = _replace(params, kernels)
   return cfg, params
 

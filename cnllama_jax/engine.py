@@ -33,7 +33,7 @@ from cnllama_jax import generate as gen
 from cnllama_jax import model as model_lib
 from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
-from cnllama_jax.lora import LoraConfig
+from cnllama_jax.lora import LoraConfig, lora_for
 
 Array = jax.Array
 CANDIDATES = 64  # rows with 0 < top_k <= this draw among the top candidates only (no full sort)
@@ -191,7 +191,7 @@ class Engine:
   def __init__(self, cfg: LlamaConfig, params: Any, *, slots: int = 8, context: int | None = None,
                lora: LoraConfig | None = None, eos_id: int | None = None, mesh=None,
                rules=shd.DEFAULT_RULES, prompt_bucket: int = 64):
-    self.cfg, self.lora = cfg, lora or LoraConfig()
+    self.cfg, self.lora = cfg, lora_for(params, lora)
     self.slots, self.context = slots, context or cfg.max_position_embeddings
     self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
     self.mesh, self.rules = mesh, shd.normalize_rules(rules)

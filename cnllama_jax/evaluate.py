@@ -27,8 +27,13 @@ decoding). Option token ids, `option_rule`:
       encode(prompt + "A") when that equals encode(prompt) + [one id]; otherwise the "paper" rule's
       second id. With the LLaMA and Chinese-LLaMA tokenizers the letter after "：" is the piece "A"
       (LLaMA id 29909), not "▁A" (id 319), which is what encode("A") gives.
-  "paper": the paper's script: the SUM of the logits of encode("A")[0] ("▁A") and
-      encode("：A")[-1] ("A").
+  "paper": the paper's script (`--constrained_decoding`): the SUM of the scores of encode("A")[0]
+      ("▁A") and encode("：A")[-1] ("A"), where the scores are those its `generate()` returns:
+      the logits after HF's repetition penalty of 1.1 over the prompt's ids (for every id in the
+      prompt, a logit < 0 is multiplied by 1.1, any other divided by it; every letter is in the
+      prompt, so the letters' logits all change). Its temperature (0.2) also divides those scores;
+      a common positive factor changes no prediction and is not applied.
+  "logits": the "paper" rule's two ids on the raw logits (no penalty).
 Scores: per subject accuracy; per category and overall ("average") the MEAN OVER SUBJECTS, as
 C-Eval reports, with the mean over questions beside it ("accuracy_by_question", what the paper's
 script prints). Accuracies are fractions in [0, 1]. The test split has no answers: only predictions.
@@ -51,10 +56,13 @@ import numpy as np
 from cnllama_jax import model
 from cnllama_jax.data import sources
 from cnllama_jax.data.encode import encode_documents
+from cnllama_jax.generate import apply_repetition_penalty
 
 CHOICES = ("A", "B", "C", "D")
 CATEGORIES = ("STEM", "Social Science", "Humanities", "Other")
-OPTION_RULES = ("context", "paper")
+OPTION_RULES = ("context", "paper", "logits")
+# The repetition penalty each rule scores with (the paper's evaluator: generate()'s, 1.1).
+RULE_PENALTY = {"context": 1.0, "paper": 1.1, "logits": 1.0}
 MIN_BUCKET = 64
 # C-Eval's 52 subjects by category: key -> Chinese name (C-Eval's subject_mapping.json).
 _BY_CATEGORY = {
@@ -94,9 +102,10 @@ _BY_CATEGORY = {
 SUBJECTS: dict[str, tuple[str, str]] = {  # key -> (Chinese name, category)
     key: (zh, category) for category, names in _BY_CATEGORY.items() for key, zh in names.items()}
 
-# (input_ids [batch, length], attention_mask [batch, length], option_ids [batch, 4, k]) ->
-# option scores [batch, 4]; rows are left-padded, so the next token follows position -1.
-Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# (input_ids [batch, length], attention_mask [batch, length], option_ids [batch, 4, k],
+# repetition_penalty) -> option scores [batch, 4]; rows are left-padded, so the next token follows
+# position -1. A penalty other than 1.0 applies HF's repetition penalty over the prompt's ids.
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, float], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- perplexity
@@ -260,9 +269,10 @@ def encode_prompt(tokenizer, subject: str, shots: Sequence[Question], query: Que
 
 
 def option_token_ids(tokenizer, text: str, rule: str = "context") -> np.ndarray:
-  """Token ids scored for A-D after the prompt `text`: [4, 1] ("context") or [4, 2] ("paper")."""
+  """Token ids scored for A-D after the prompt `text`: [4, 1] ("context") or [4, 2] ("paper",
+  "logits")."""
   paper = [[tokenizer.encode(c)[0], tokenizer.encode("：" + c)[-1]] for c in CHOICES]
-  if rule == "paper":
+  if rule in ("paper", "logits"):
     return np.asarray(paper, np.int32)
   if rule != "context":
     raise ValueError(f"option_rule must be one of {OPTION_RULES}, got '{rule}'")
@@ -276,23 +286,35 @@ def option_token_ids(tokenizer, text: str, rule: str = "context") -> np.ndarray:
 
 # ----------------------------------------------------------------------------- scoring
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora"))
-def _option_scores(params, input_ids, attention_mask, option_ids, *, cfg, lora):
-  last = model.logits(cfg, params, input_ids, attention_mask, lora)[:, -1]  # [batch, vocab]
+def option_scores(last, input_ids, attention_mask, option_ids, repetition_penalty: float):
+  """Summed scores [batch, 4] of each option's token ids, from the last position's logits
+  `last` [batch, vocab] after HF's repetition penalty over each row's prompt ids (input_ids,
+  attention_mask [batch, length]; padding excluded); option_ids [batch, 4, k]."""
+  rows = jnp.arange(input_ids.shape[0])[:, None]  # [batch, 1]
+  seen = jnp.zeros(last.shape, jnp.int32).at[rows, input_ids].add(attention_mask) > 0  # prompt ids
+  last = apply_repetition_penalty(last, seen, repetition_penalty)  # [batch, vocab]
   flat = option_ids.reshape(option_ids.shape[0], -1)  # [batch, 4 * k]
   picked = jnp.take_along_axis(last, flat, axis=-1)  # [batch, 4 * k]
   return picked.reshape(option_ids.shape).sum(-1)  # [batch, 4]
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "lora", "repetition_penalty"))
+def _option_scores(params, input_ids, attention_mask, option_ids, *, cfg, lora,
+                   repetition_penalty):
+  last = model.logits(cfg, params, input_ids, attention_mask, lora)[:, -1]  # [batch, vocab]
+  return option_scores(last, input_ids, attention_mask, option_ids, repetition_penalty)
+
+
 def model_scorer(cfg, params, lora=None, mesh=None, rules=None) -> Scorer:
-  """The Scorer of a model: summed last-position logits of each option's token ids.
+  """The Scorer of a model: summed last-position logits of each option's token ids, after the
+  repetition penalty over each row's prompt ids (1.0: raw logits).
 
   mesh: score sharded as in training (params in the rules' layout, rows over the data axes,
   scores returned replicated, so every host of a multi-host run gets them all)."""
   if mesh is None:
-    def score(input_ids, attention_mask, option_ids):
+    def score(input_ids, attention_mask, option_ids, repetition_penalty=1.0):
       return np.asarray(_option_scores(params, input_ids, attention_mask, option_ids, cfg=cfg,
-                                       lora=lora))
+                                       lora=lora, repetition_penalty=float(repetition_penalty)))
     return score
   from cnllama_jax import generate as gen, sharding as shd  # pylint: disable=import-outside-toplevel
   rules = shd.normalize_rules(rules or shd.DEFAULT_RULES)
@@ -302,17 +324,16 @@ def model_scorer(cfg, params, lora=None, mesh=None, rules=None) -> Scorer:
   placed = shd.place(params, gen.param_shardings(cfg, lora_cfg, mesh, rules))
 
   @functools.lru_cache(maxsize=None)
-  def program(batch, length):
+  def program(batch, length, repetition_penalty):
     rows = shd.batch_sharding(mesh, rules, (batch, length))
     def scores(p, ids, mask, options):
       last = net.apply({"params": p}, ids, mask)[:, -1, :cfg.vocab_size]  # [batch, vocab]
-      flat = options.reshape(options.shape[0], -1)  # [batch, 4 * k]
-      return jnp.take_along_axis(last, flat, axis=-1).reshape(options.shape).sum(-1)
+      return option_scores(last, ids, mask, options, repetition_penalty)
     return rows, jax.jit(scores, out_shardings=replicated, in_shardings=(
         gen.param_shardings(cfg, lora_cfg, mesh, rules), rows, rows, replicated))
 
-  def score(input_ids, attention_mask, option_ids):
-    rows, fn = program(*input_ids.shape)
+  def score(input_ids, attention_mask, option_ids, repetition_penalty=1.0):
+    rows, fn = program(*input_ids.shape, float(repetition_penalty))
     return np.asarray(fn(placed, gen.to_global(input_ids, rows),
                          gen.to_global(attention_mask, rows), gen.to_global(option_ids, replicated)))
   return score
@@ -325,7 +346,8 @@ def bucket_length(n: int, max_length: int) -> int:
 
 
 def score_prompts(scorer: Scorer, prompts: Sequence[Sequence[int]], option_ids: Sequence,
-                  *, batch_size: int, max_length: int, pad_id: int = 0) -> np.ndarray:
+                  *, batch_size: int, max_length: int, pad_id: int = 0,
+                  repetition_penalty: float = 1.0) -> np.ndarray:
   """Option scores [n, 4]: prompts sorted by length, left-padded, batches of fixed row count."""
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
   out = np.zeros((len(prompts), 4), np.float32)
@@ -340,7 +362,7 @@ def score_prompts(scorer: Scorer, prompts: Sequence[Sequence[int]], option_ids: 
       ids[r, length - len(prompts[i]):] = prompts[i]
       mask[r, length - len(prompts[i]):] = 1
       opts[r] = option_ids[i]
-    out[rows] = np.asarray(scorer(ids, mask, opts))[:len(rows)]
+    out[rows] = np.asarray(scorer(ids, mask, opts, repetition_penalty))[:len(rows)]
   return out
 
 
@@ -390,7 +412,8 @@ def evaluate_ceval(scorer: Scorer, tokenizer, data: dict, *, split: str = "val",
       items.append((subject, q, kept, cut))
       prompts.append(ids)
       options.append(option_token_ids(tokenizer, text, option_rule))
-  scores = score_prompts(scorer, prompts, options, batch_size=batch_size, max_length=max_length)
+  scores = score_prompts(scorer, prompts, options, batch_size=batch_size, max_length=max_length,
+                         repetition_penalty=RULE_PENALTY[option_rule])
   submission, records, counts = {}, [], {}
   for (subject, q, kept, cut), ids, row in zip(items, prompts, scores):
     pred = CHOICES[int(np.argmax(row))]

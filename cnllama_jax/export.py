@@ -26,10 +26,9 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cnllama_jax import hf, paths
+from cnllama_jax import hf, paths, tokenizer as tok_lib
 from cnllama_jax.config import LlamaConfig, to_hf_dict
-from cnllama_jax.lora import LoraConfig
-from cnllama_jax.model import lora_from_params
+from cnllama_jax.lora import LoraConfig, lora_for, merged_kernel
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
           "float16": np.dtype(np.float16)}
@@ -100,20 +99,41 @@ def write_safetensors(path: str, specs: list[tuple[str, tuple, np.dtype]], fetch
       f.write(array.reshape(-1).view(np.uint8).data)  # a file or a streamed object upload
 
 
-def copy_tokenizer(tokenizer_dir: str | None, out: str) -> None:
-  if tokenizer_dir is None:
+def tokenizer_files(source: str) -> dict[str, str]:
+  """{file name: path} of the tokenizer files in a directory, or of a lone `.model` file."""
+  if paths.isfile(source) and source.endswith(".model"):
+    return {"tokenizer.model": source}
+  return {n: paths.join(source, n) for n in TOKENIZER_FILES
+          if paths.isfile(paths.join(source, n))}
+
+
+def write_tokenizer(source: str | None, out: str, vocab_size: int) -> None:
+  """Puts the tokenizer of a `vocab_size`-token model beside it in `out`: `tokenizer.model` and
+  the Hugging Face files, copied from `source` (a directory or a `.model` file; None: nothing),
+  the HF files made from `tokenizer.model` when `source` has none. A tokenizer.model of another
+  size than the model's vocabulary is an error: the export would not load with it."""
+  if source is None:
     return
-  if paths.isfile(tokenizer_dir) and tokenizer_dir.endswith(".model"):
-    found = {"tokenizer.model": tokenizer_dir}
-  else:
-    found = {n: paths.join(tokenizer_dir, n) for n in TOKENIZER_FILES
-             if paths.isfile(paths.join(tokenizer_dir, n))}
+  found = tokenizer_files(source)
   if not found:
-    raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files; expected any of "
-                            f"{list(TOKENIZER_FILES)}")
+    raise FileNotFoundError(f"tokenizer {source}: no tokenizer files; expected a .model file or "
+                            f"a directory with any of {list(TOKENIZER_FILES)}")
+  made = {}
+  if "tokenizer.model" in found:
+    proto = tok_lib.parse_model_proto(paths.read_bytes(found["tokenizer.model"]),
+                                      found["tokenizer.model"])
+    if len(proto.pieces) != vocab_size:
+      raise ValueError(f"tokenizer {found['tokenizer.model']} has {len(proto.pieces)} pieces but "
+                       f"the exported model has {vocab_size} tokens; pass the tokenizer it was "
+                       "trained with")
+    if not {"tokenizer.json", "tokenizer_config.json"} & set(found):
+      pad = "[PAD]" if any(p.piece == "[PAD]" for p in proto.pieces) else None
+      made = tok_lib.hf_files(proto, pad)
   if _writer():
     for name, src in found.items():
       paths.write_bytes(paths.join(out, name), paths.read_bytes(src))
+    for name, data in made.items():
+      paths.write_bytes(paths.join(out, name), data)
 
 
 # --- reading params one slice at a time ----------------------------------------------------------
@@ -131,15 +151,8 @@ def to_host(x) -> np.ndarray:
 
 
 def lora_scale(params: Any, lora: LoraConfig | None) -> float:
-  """The scale to fold adapters in with (0 when there are none); errors on a missing LoraConfig."""
-  present = lora_from_params(params)
-  if not present.rank:
-    return 0.0
-  if lora is None or lora.rank != present.rank:
-    raise ValueError(f"params hold LoRA adapters of rank {present.rank} on {present.targets}; "
-                     "pass lora=LoraConfig(rank, alpha, ...) to merge them while exporting, merge "
-                     "them first (lora.merge), or export the adapters with save_peft")
-  return lora.scale
+  """The scale to fold adapters in with (0 when there are none); see `lora.lora_for`."""
+  return lora_for(params, lora).scale
 
 
 def read_slice(cfg: LlamaConfig, params, leaf: hf.Leaf, layer: int | None, index: tuple,
@@ -155,10 +168,8 @@ def read_slice(cfg: LlamaConfig, params, leaf: hf.Leaf, layer: int | None, index
   pre = () if layer is None else (layer,)
   x = node[leaf.path[-1]][pre + tuple(index)]
   if scale and leaf.path[-1] == "kernel" and "lora_a" in node:
-    a = jnp.asarray(node["lora_a"][pre + (index[0],)], jnp.float32)  # [in, r]
-    b = jnp.asarray(node["lora_b"][pre + (slice(None), index[1])], jnp.float32)  # [r, out]
-    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * scale
-    x = (jnp.asarray(x, jnp.float32) + delta).astype(x.dtype)
+    x = merged_kernel(x, node["lora_a"][pre + (index[0],)],  # [in, r]
+                      node["lora_b"][pre + (slice(None), index[1])], np.float32(scale))  # [r, out]
   return to_host(x)
 
 
@@ -191,7 +202,8 @@ def save_hf(cfg: LlamaConfig, params: Any, out_dir: str, *, dtype: str = "float3
             max_shard_bytes: int = 5 * 10**9, tokenizer_dir: str | None = None,
             lora: LoraConfig | None = None, overwrite: bool = False) -> str:
   """Merged HF LLaMA directory: safetensors (sharded + index above max_shard_bytes), config.json,
-  generation_config.json and the tokenizer files of `tokenizer_dir`. Padded vocabulary rows are
+  generation_config.json and the tokenizer (`write_tokenizer` of `tokenizer_dir`, a directory or a
+  .model file). Padded vocabulary rows are
   dropped. LoRA leaves in `params` are folded in per layer when `lora` (their alpha) is given."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}; expected one of {list(DTYPES)}")
@@ -223,7 +235,7 @@ def save_hf(cfg: LlamaConfig, params: Any, out_dir: str, *, dtype: str = "float3
           "weight_map": {key: name for name, specs in zip(names, shards) for key, _, _ in specs}})
     write_json(paths.join(tmp, "config.json"), hf_config_dict(cfg, dtype))
     write_json(paths.join(tmp, "generation_config.json"), generation_config_dict(cfg))
-    copy_tokenizer(tokenizer_dir, tmp)
+    write_tokenizer(tokenizer_dir, tmp, cfg.vocab_size)
   return out_dir
 
 
@@ -330,7 +342,7 @@ def save_meta(cfg: LlamaConfig, params: Any, out_dir: str, *, num_shards: int | 
       with _open_out(paths.join(tmp, f"consolidated.{shard:02d}.pth")) as f:
         torch.save(state, f)
     write_json(paths.join(tmp, "params.json"), meta_params_json(cfg))
-    copy_tokenizer(tokenizer_dir, tmp)  # as the paper's merge script, all tokenizer files
+    write_tokenizer(tokenizer_dir, tmp, cfg.vocab_size)  # as the paper's merge script
   return out_dir
 
 

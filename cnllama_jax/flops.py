@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cnllama_jax.config import LlamaConfig
+from cnllama_jax import lora as lora_lib
 from cnllama_jax.lora import LoraConfig
 
 # Dense bf16 peak FLOP/s per chip.
@@ -28,18 +29,13 @@ PEAK_FLOPS = {
 
 def layer_matmul_params(cfg: LlamaConfig) -> dict[str, int]:
   """Weights of each dense module of one layer, by PEFT module name."""
-  d, hd = cfg.hidden_size, cfg.head_dim
-  q, kv, ffn = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
-  return {"q_proj": d * q, "k_proj": d * kv, "v_proj": d * kv, "o_proj": q * d,
-          "gate_proj": d * ffn, "up_proj": d * ffn, "down_proj": ffn * d}
+  return {name.split("/")[1]: i * o for name, (i, o) in lora_lib.module_shapes(cfg).items()}
 
 
 def _lora_params(cfg: LlamaConfig, lora: LoraConfig) -> int:
-  d, hd = cfg.hidden_size, cfg.head_dim
-  q, kv, ffn = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
-  shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
-            "gate_proj": (d, ffn), "up_proj": (d, ffn), "down_proj": (ffn, d)}
-  return sum(lora.rank * (i + o) for name, (i, o) in shapes.items() if lora.applies_to(name))
+  """Adapter weights of one layer: r (in + out) per target module."""
+  return sum(lora.rank * (i + o) for name, (i, o) in lora_lib.module_shapes(cfg).items()
+             if lora.applies_to(name.split("/")[1]))
 
 
 def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig,

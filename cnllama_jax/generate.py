@@ -36,7 +36,7 @@ from cnllama_jax import model as model_lib
 from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
 from cnllama_jax.data.encode import PROMPT_TEMPLATE, build_prompt
-from cnllama_jax.lora import LoraConfig
+from cnllama_jax.lora import LoraConfig, lora_for
 
 Array = jax.Array
 
@@ -237,10 +237,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
   over batch and kv heads. Multi-host: every process calls this with the same prompts and gets
   the same outputs.
   """
-  present = model_lib.lora_from_params(params)
-  if present.rank and (lora is None or lora.rank != present.rank):
-    raise ValueError(f"params hold LoRA adapters of rank {present.rank}; pass "
-                     "lora=LoraConfig(rank, alpha, ...) matching them, or merge them first")
+  lora = lora_for(params, lora)
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
   sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
@@ -257,7 +254,6 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
                      f"needs {needed} cache slots but max_len={max_len}; shorten the prompt, "
                      "lower max_new_tokens or raise max_len")
   rng = jax.random.key(0) if rng is None else rng
-  lora = lora or LoraConfig()
   eos = jnp.int32(eos_id)
   rules = shd.normalize_rules(rules)
   prefill, decode = _programs(cfg, lora, sampling, max_len, ids.shape[0], mesh, rules)

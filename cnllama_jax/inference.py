@@ -55,12 +55,10 @@ def attach_lora(cfg: LlamaConfig, params: Any, peft, mesh=None,
   mesh = mesh or shd.single_device_mesh()
   rules = shd.normalize_rules(rules)
   flat = traverse_util.flatten_dict(params)
+  adapters_lib.check_adapter_shapes(cfg, lora, adapters)
   for path, (a_shape, b_shape) in expected.items():
     for name, shape in (("lora_a", a_shape), ("lora_b", b_shape)):
-      array = flat_adapters.get((*path, name))
-      if array is None or array.shape != shape:
-        raise ValueError(f"LoRA {'/'.join(path)}/{name}: shape "
-                         f"{None if array is None else array.shape}, the base needs {shape}")
+      array = flat_adapters[(*path, name)]
       box = boxed[(*path, name)]
       sharding = jax.sharding.NamedSharding(
           mesh, shd.logical_to_spec(box.names, rules, mesh, shape))

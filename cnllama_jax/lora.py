@@ -155,12 +155,52 @@ def check_adapters(params: Any, num_layers: int, lora: LoraConfig) -> int:
   return sum(found.values())
 
 
-def merge(params: Any, lora: LoraConfig) -> dict:
-  """W <- W + (alpha / r) * A B for every adapted kernel; returns params without adapters.
+# --- adapters present in params, and folding them in ------------------------------------------
 
-  A: [layers, in, r], B: [layers, r, out], W: [layers, in, out]; the sum is formed in fp32 and
-  cast back to W's dtype.
+def lora_from_params(params: Any) -> LoraConfig:
+  """The rank and targets of the adapters present in `params` (alpha unknown: rank 0 if none)."""
+  layers = params.get("layers", {})
+  found = {name: leaf["lora_a"].shape[-1] for group in layers.values() if isinstance(group, dict)
+           for name, leaf in group.items() if isinstance(leaf, dict) and "lora_a" in leaf}
+  if not found:
+    return LoraConfig()
+  return LoraConfig(rank=next(iter(found.values())), targets=tuple(sorted(found)))
+
+
+def lora_for(params: Any, lora: LoraConfig | None, *, required: bool = False) -> LoraConfig:
+  """The LoraConfig to apply `params` with: `lora` when they hold adapters of its rank, the
+  rank-0 config when they hold none and `lora` is None or rank 0. The alpha of adapters is not
+  stored in params, so adapters without a matching `lora` are an error, as is a `lora` of rank > 0
+  for params without adapters (and, when `required`, params without adapters at all)."""
+  present = lora_from_params(params)
+  given = lora.rank if lora else 0
+  if present.rank and given != present.rank:
+    passed = "no lora" if lora is None else f"lora.rank={given}"
+    raise ValueError(f"params hold LoRA adapters of rank {present.rank} on "
+                     f"{list(present.targets)} but {passed} was given; pass lora=LoraConfig(rank, "
+                     "alpha, ...) matching them, or merge them first (lora.merge)")
+  if not present.rank and (given or required):
+    raise ValueError(f"params hold no LoRA adapters but lora.rank={given}; expected params with "
+                     "adapters (or lora=None for a model without them)")
+  return lora if present.rank else LoraConfig()
+
+
+@jax.jit
+def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale) -> jax.Array:
+  """kernel + scale * a b: the one place a LoRA delta is formed (merge, HF/Meta export, PEFT
+  merge). The product and the sum are fp32 at HIGHEST precision, cast back to kernel's dtype.
+
+  kernel: [..., in, out]; a: [..., in, r]; b: [..., r, out] (leading axes: layers, or none).
   """
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+  delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST) * scale  # [..., in, out]
+  return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
+def merge(params: Any, lora: LoraConfig) -> dict:
+  """W <- W + (alpha / r) * A B for every adapted kernel (`merged_kernel`); returns params
+  without adapters. A: [layers, in, r], B: [layers, r, out], W: [layers, in, out]."""
+  lora_for(params, lora)
   flat = _flat(params)
   out = {}
   for path, value in flat.items():
@@ -168,24 +208,27 @@ def merge(params: Any, lora: LoraConfig) -> dict:
       continue
     prefix = path[: -len("kernel")]
     if path.endswith("/kernel") and prefix + "lora_a" in flat:
-      a = jnp.asarray(flat[prefix + "lora_a"], jnp.float32)
-      b = jnp.asarray(flat[prefix + "lora_b"], jnp.float32)
-      delta = jnp.einsum("lir,lro->lio", a, b) * lora.scale  # [layers, in, out]
-      value = (jnp.asarray(value, jnp.float32) + delta).astype(value.dtype)
+      value = merged_kernel(value, flat[prefix + "lora_a"], flat[prefix + "lora_b"],
+                            jnp.float32(lora.scale))
     out[path] = value
   return _unflat(out)
 
 
-def adapter_shapes(cfg, lora: LoraConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-  """{'layers/<group>/<module>': (A shape, B shape)} for every target, stacked over layers."""
+def module_shapes(cfg) -> dict[str, tuple[int, int]]:
+  """(in, out) features of each dense module of one layer: {'self_attn/q_proj': (hidden,
+  heads * head_dim), ..., 'mlp/down_proj': (intermediate, hidden)}, in TARGET_MODULES order."""
   d, hd, ffn = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
   q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-  io = {"self_attn/q_proj": (d, q), "self_attn/k_proj": (d, kv), "self_attn/v_proj": (d, kv),
-        "self_attn/o_proj": (q, d), "mlp/gate_proj": (d, ffn), "mlp/up_proj": (d, ffn),
-        "mlp/down_proj": (ffn, d)}
+  return {"self_attn/q_proj": (d, q), "self_attn/k_proj": (d, kv), "self_attn/v_proj": (d, kv),
+          "self_attn/o_proj": (q, d), "mlp/gate_proj": (d, ffn), "mlp/up_proj": (d, ffn),
+          "mlp/down_proj": (ffn, d)}
+
+
+def adapter_shapes(cfg, lora: LoraConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """{'layers/<group>/<module>': (A shape, B shape)} for every target, stacked over layers."""
   layers = cfg.num_hidden_layers
   return {f"layers/{name}": ((layers, i, lora.rank), (layers, lora.rank, o))
-          for name, (i, o) in io.items() if lora.applies_to(name.split("/")[1])}
+          for name, (i, o) in module_shapes(cfg).items() if lora.applies_to(name.split("/")[1])}
 
 
 def init_adapters(cfg, lora: LoraConfig, rng: jax.Array) -> dict:

@@ -43,7 +43,8 @@ from cnllama_jax import attention as attention_lib
 from cnllama_jax import rope
 from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
-from cnllama_jax.lora import LoraConfig, kaiming_uniform_a
+from cnllama_jax.lora import LoraConfig, kaiming_uniform_a, lora_for
+from cnllama_jax.lora import lora_from_params  # noqa: F401  (its old home; defined in lora.py)
 
 Array = jax.Array
 _NEG_INF = -1e30  # logit of padded vocabulary rows: finite, never NaN, never sampled
@@ -367,16 +368,6 @@ def init_params(cfg: LlamaConfig, rng: Array, lora: LoraConfig = LoraConfig()) -
   return nn.meta.unbox(Llama(cfg, lora).init(rng, ids)["params"])
 
 
-def lora_from_params(params: Any) -> LoraConfig:
-  """The rank and targets of the adapters present in `params` (alpha unknown: rank 0 if none)."""
-  layers = params.get("layers", {})
-  found = {name: leaf["lora_a"].shape[-1] for group in layers.values() if isinstance(group, dict)
-           for name, leaf in group.items() if isinstance(leaf, dict) and "lora_a" in leaf}
-  if not found:
-    return LoraConfig()
-  return LoraConfig(rank=next(iter(found.values())), targets=tuple(sorted(found)))
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _forward(cfg: LlamaConfig, lora: LoraConfig, params, input_ids, attention_mask):
   return Llama(cfg, lora).apply({"params": params}, input_ids, attention_mask)
@@ -389,12 +380,9 @@ def logits(cfg: LlamaConfig, params: Any, input_ids, attention_mask=None,
   input_ids, attention_mask: [batch, length] numpy or jax int arrays (mask 1 = token, 0 = pad).
   Params holding LoRA adapters need `lora` (their alpha is not stored in the params).
   """
-  present = lora_from_params(params)
-  if present.rank and (lora is None or lora.rank != present.rank):
-    raise ValueError(f"params hold LoRA adapters of rank {present.rank}; pass "
-                     "lora=LoraConfig(rank, alpha, ...) matching them, or merge them first")
+  lora = lora_for(params, lora)
   input_ids = jnp.asarray(input_ids, jnp.int32)
   mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask,
                                                                               jnp.int32)
-  out = _forward(cfg, lora or LoraConfig(), params, input_ids, mask)
+  out = _forward(cfg, lora, params, input_ids, mask)
   return out[..., :cfg.vocab_size]

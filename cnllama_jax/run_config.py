@@ -65,6 +65,7 @@ def paper_scale(c: ml_collections.ConfigDict, preset: str, vocab_size: int,
   """The paper's settings for a real model size: bf16 compute, bf16 frozen weights, remat,
   sequence length 512, FSDP over all devices."""
   c.model.dtype, c.model.param_dtype, c.model.remat_policy = "bfloat16", "bfloat16", "full"
+  model_config.preset(preset)  # an unknown name is a one-line ValueError naming the presets
   # a preset with its own vocabulary (LLaMA-3) keeps it: config.tokenizer resizes it
   with_preset(c, preset, model_config.PRESETS[preset].get("vocab_size", vocab_size))
   c.train.global_batch_size = global_batch

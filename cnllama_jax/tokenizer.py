@@ -311,6 +311,15 @@ def json_bytes(doc: dict, indent: int | None = 2) -> bytes:
   return (json.dumps(doc, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
 
 
+def hf_files(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> dict[str, bytes]:
+  """The Hugging Face files of a model beside its ``tokenizer.model``: {name: UTF-8 bytes} of
+  ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+  roles = {k: v for k, v in _role_tokens(proto, pad_piece).items() if v}
+  return {"tokenizer.json": json_bytes(hf_tokenizer_json(proto, pad_piece), None),
+          "tokenizer_config.json": json_bytes(hf_tokenizer_config(proto, pad_piece)),
+          "special_tokens_map.json": json_bytes(roles)}
+
+
 def check_output_dir(out: Path) -> None:
   """A merge writes a new directory: a non-empty existing one is refused (FileExistsError)."""
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -374,11 +383,7 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
   check_output_dir(out)
   data = merged.SerializeToString()
   parse_model_proto(data, str(out / "tokenizer.model"))  # sentencepiece must load the result
-  roles = {k: v for k, v in _role_tokens(merged, pad_piece).items() if v}
-  publish_dir(out, {"tokenizer.model": data,
-                    "tokenizer.json": json_bytes(hf_tokenizer_json(merged, pad_piece), None),
-                    "tokenizer_config.json": json_bytes(hf_tokenizer_config(merged, pad_piece)),
-                    "special_tokens_map.json": json_bytes(roles)})
+  publish_dir(out, {"tokenizer.model": data, **hf_files(merged, pad_piece)})
   pad_id = len(merged.pieces) - 1 if pad_piece is not None else None
   result = MergeResult(str(out), len(merged.pieces), len(base.pieces),
                        len(merged.pieces) - len(base.pieces) - (pad_id is not None), pad_id)

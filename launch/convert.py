@@ -10,13 +10,16 @@
   python launch/convert.py export --format hf --workdir /tmp/run --out run-hf
 
 LoRAs merge in the order given; the last one's embedding/head (and, unless --tokenizer is given,
-the last tokenizer found among the LoRAs, else the base's) win. Bad input ends with one line
+the last tokenizer found among the LoRAs, else the base's) win. Every export carries its tokenizer
+(tokenizer.model + the HF files, of the exported vocabulary size): a --workdir export the run's
+(config.tokenizer, else its base model's), a PEFT export also the base's path in adapter_config.json. Bad input ends with one line
 `error: ...` and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -66,7 +69,7 @@ def _tokenizer_dir(args) -> str | None:
 
 
 def _from_workdir(workdir: str):
-  """(cfg, params with adapters, LoraConfig, trained whole modules) of a run's newest checkpoint,
+  """(cfg, params with adapters, LoraConfig, trained whole modules, the run's config) of a run's newest
   restored into the plan of the config.json the run saved (its base model and tokenizer paths
   must resolve); no optimizer or train step is built."""
   import ml_collections  # pylint: disable=import-outside-toplevel
@@ -87,21 +90,35 @@ def _from_workdir(workdir: str):
   if state is None:
     raise FileNotFoundError(f"--workdir {workdir}: no checkpoint in {checkpoints.directory}")
   modules = tuple(n for n in ("embed_tokens", "lm_head") if n in state.trainable)
-  return plan.cfg, lora_lib.combine(frozen, state.trainable), plan.lora, modules
+  return plan.cfg, lora_lib.combine(frozen, state.trainable), plan.lora, modules, config
+
+
+def run_tokenizer(config) -> str | None:
+  """The tokenizer a run trained with: config.tokenizer, else its base model's tokenizer files
+  (None when neither has one: a random-init run on synthetic data)."""
+  for source in (config.tokenizer, config.base_model):
+    if source and export.tokenizer_files(source):
+      return source
+  return None
 
 
 def _export_workdir(args) -> str:
   if args.lora:
     raise ValueError("--workdir exports the run's own adapters; --lora is for --checkpoint")
-  cfg, params, lora, modules = _from_workdir(args.workdir)
+  cfg, params, lora, modules, config = _from_workdir(args.workdir)
+  tokenizer = args.tokenizer or run_tokenizer(config)
+  if tokenizer is None:
+    logging.warning("the run names no tokenizer (config.tokenizer, config.base_model): the export "
+                    "has none; pass --tokenizer to add one")
   if args.format == "peft":
     return adapters.save_peft(cfg, params, lora, args.out, modules_to_save=modules,
-                              overwrite=args.overwrite)
+                              base_model_name_or_path=config.base_model or None,
+                              tokenizer_dir=tokenizer, overwrite=args.overwrite)
   if args.format == "meta":
     return export.save_meta(cfg, params, args.out, num_shards=args.num_shards, dtype=args.dtype,
-                            lora=lora, tokenizer_dir=args.tokenizer, overwrite=args.overwrite)
+                            lora=lora, tokenizer_dir=tokenizer, overwrite=args.overwrite)
   return export.save_hf(cfg, params, args.out, dtype=args.dtype, lora=lora,
-                        tokenizer_dir=args.tokenizer, max_shard_bytes=args.max_shard_bytes,
+                        tokenizer_dir=tokenizer, max_shard_bytes=args.max_shard_bytes,
                         overwrite=args.overwrite)
 
 
@@ -120,8 +137,10 @@ def run(args) -> str:
   if args.format == "peft":
     lora, tree, modules = adapters.load_peft(args.lora[0])
     cfg, params = adapters.apply_modules(cfg, params, modules, args.lora[0])
+    own = args.tokenizer or (args.lora[0] if export.tokenizer_files(args.lora[0]) else None)
     return adapters.save_peft(cfg, lora_lib.combine(params, tree), lora, args.out,
-                              modules_to_save=tuple(modules), overwrite=args.overwrite)
+                              modules_to_save=tuple(modules), base_model_name_or_path=args.base,
+                              tokenizer_dir=own, overwrite=args.overwrite)
   cfg, params = adapters.merge_loras(cfg, params, args.lora)
   if args.format == "meta":
     return export.save_meta(cfg, params, args.out, num_shards=args.num_shards, dtype=args.dtype,

@@ -3,7 +3,7 @@
   python launch/evaluate.py perplexity --model DIR --text FILE [--tokenizer FILE] [--block_size 512]
       [--mesh_shape 1,-1,1] [--lora LORA_DIR,...]
   python launch/evaluate.py ceval --model DIR --data CEVAL_DIR --shots 5 --split val --out DIR \
-      [--subjects logic,law] [--option_rule context|paper]
+      [--subjects logic,law] [--option_rule context|paper|logits]
 
 The tokenizer defaults to DIR/tokenizer.model. ceval writes summary.json, submission.json (C-Eval's
 format) and predictions.jsonl to --out. See cnllama_jax/evaluate.py for the windows, the prompt and

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import generate as gen  # noqa: E402
 from cnllama_jax import inference  # noqa: E402
 from cnllama_jax.data import sources  # noqa: E402
@@ -255,7 +256,10 @@ def main(argv) -> None:
   opts = options_from_flags()
   if _INTERACTIVE.value and jax.process_count() > 1:
     raise app.UsageError("--interactive runs in one process; use --input on a multi-host slice")
-  generator = Generator(opts)
+  try:
+    generator = Generator(opts)
+  except (ValueError, OSError) as err:  # a missing or mismatched model / tokenizer: one line
+    cli.fail(cli.one_line(err))
   if _INTERACTIVE.value:
     run_chat(generator, _SINGLE_TURN.value)
   else:

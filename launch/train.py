@@ -65,12 +65,22 @@ def print_dry_run(plan: plan_lib.Plan) -> None:
 KNOWN_ERRORS = (checkpoint.CheckpointError, trainer.DivergedError, ValueError, OSError, KeyError)
 
 
+def _config_file_error(err: BaseException) -> BaseException | None:
+  """What a config file's get_config() raised (e.g. an unknown preset), or None. ml_collections
+  re-raises it as "Error whilst parsing config file:" + its whole traceback, and absl wraps that
+  in "flag --config=...: ..."; the original is the wrapper's __context__."""
+  wrapper = err.__context__
+  if wrapper is not None and str(wrapper).startswith("Error whilst parsing config file"):
+    return wrapper.__context__
+  return None
+
+
 def parse_flags(argv):
   """absl flag parsing with an unknown `--config.a.b` key reported in one line."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as err:
-    cli.fail(cli.one_line(err))
+    cli.fail(cli.one_line(_config_file_error(err) or err))
   except (KeyError, AttributeError) as err:  # ml_collections: an override of a missing field
     cause = err
     while isinstance(cause.__context__, (KeyError, AttributeError)):

@@ -188,7 +188,8 @@ def fake_scorer(sp, data, plan):
   """A "model" whose option scores pick plan[(subject, id)] for the question its prompt asks."""
   by_text = {q.question: (s, q.id) for s, (_, qs) in data.items() for q in qs}
 
-  def score(ids, mask, option_ids):
+  def score(ids, mask, option_ids, repetition_penalty):
+    assert repetition_penalty == 1.0  # the default rule scores raw logits
     out = np.zeros((len(ids), 4), np.float32)
     for r in range(len(ids)):
       if mask[r].any():
@@ -236,7 +237,7 @@ def test_test_split_gives_c_evals_submission_format(sp, tmp_path):
   assert summary["subjects"]["logic"]["accuracy"] is None
 
 
-@pytest.mark.parametrize("rule", ["context", "paper"])
+@pytest.mark.parametrize("rule", ["context", "logits"])
 def test_predictions_and_scores_equal_transformers(sp, tiny, rule):
   model, _, cfg, params = tiny
   data = ev.load_ceval(CEVAL, "val", shots=5)
@@ -260,6 +261,36 @@ def test_predictions_and_scores_equal_transformers(sp, tiny, rule):
       np.testing.assert_allclose(mine["scores"], scores, atol=2e-4)
       assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-3  # no near-tie hides a mismatch
       assert mine["prediction"] == "ABCD"[int(np.argmax(scores))]
+
+
+def test_paper_rule_scores_with_the_papers_repetition_penalty(sp, tiny):
+  """The paper's evaluator reads generate()'s scores: HF's RepetitionPenaltyLogitsProcessor(1.1)
+  over the prompt ids, then the two letter ids summed. Zero-shot, the penalty flips a prediction
+  of this model (high_school_physics 0: raw logits pick C, the penalised scores B)."""
+  import torch
+  from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+  model, _, cfg, params = tiny
+  data = ev.load_ceval(CEVAL, "val", shots=0)
+  result = ev.evaluate_ceval(ev.model_scorer(cfg, params), sp, data, shots=0, max_length=1024,
+                             batch_size=4, option_rule="paper")
+  got = {(r["subject"], r["id"]): r for r in result.records}
+  penalty = RepetitionPenaltyLogitsProcessor(penalty=1.1)
+  flipped = []
+  for subject, zh in SUBJECTS.items():
+    for row in _rows("val", subject):
+      ids = [sp.bos_id()] + sp.encode(paper_prompt(zh, [], row, header=False))
+      last = torch.as_tensor(hf_models.hf_logits(model, np.asarray([ids]))[:, -1])  # [1, vocab]
+      scored = penalty(torch.as_tensor([ids]), last.clone())[0].numpy()  # [vocab]
+      options = [[sp.encode(c)[0], sp.encode("：" + c)[-1]] for c in "ABCD"]
+      expected = [float(scored[o].sum()) for o in options]
+      raw = [float(last[0, o].sum()) for o in options]
+      mine = got[(subject, row["id"])]
+      np.testing.assert_allclose(mine["scores"], expected, atol=2e-4)
+      assert sorted(expected)[-1] - sorted(expected)[-2] > 5e-4  # no near-tie hides a mismatch
+      assert mine["prediction"] == "ABCD"[int(np.argmax(expected))]
+      if np.argmax(raw) != np.argmax(expected):
+        flipped.append((subject, row["id"], "ABCD"[int(np.argmax(raw))], mine["prediction"]))
+  assert flipped == [("high_school_physics", "0", "C", "B")]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -90,12 +90,14 @@ def test_hf_export_of_resized_odd_vocab_loads_in_transformers(tmp_path, shape):
   cfg, params = resize_vocab(cfg, params, 131, rng=jax.random.key(0))  # padded to 256
   tokenizer = tmp_path / "tok"
   tokenizer.mkdir()
-  (tokenizer / "tokenizer.model").write_bytes(b"sp")
+  _sp_model(str(tokenizer / "tokenizer.model"), 131)
   out = export.save_hf(cfg, params, str(tmp_path / "out"), tokenizer_dir=str(tokenizer))
   config = json.load(open(os.path.join(out, "config.json")))
   assert config["vocab_size"] == 131 and config["torch_dtype"] == config["dtype"] == "float32"
   assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0
-  assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sp"
+  assert ((tmp_path / "out" / "tokenizer.model").read_bytes()
+          == (tokenizer / "tokenizer.model").read_bytes())
+  assert len(transformers.AutoTokenizer.from_pretrained(out)) == 131  # HF files made beside it
   generation = transformers.GenerationConfig.from_pretrained(out)
   assert (generation.temperature, generation.top_k, generation.top_p,
           generation.repetition_penalty, generation.do_sample) == (0.2, 40, 0.9, 1.1, True)
@@ -368,3 +370,114 @@ def test_convert_exports_a_training_workdir(tmp_path):
                        "--out", str(tmp_path / "peft")]) == 0
   lora, tree, modules = adapters.load_peft(str(tmp_path / "peft"))
   assert lora == run.lora and sorted(modules) == ["embed_tokens", "lm_head"]
+
+
+# --- exports that stand alone: the run's tokenizer and base travel with them -------------------
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sp_model(path: str, vocab_size: int) -> str:
+  """A real SentencePiece BPE model of exactly `vocab_size` pieces (BOS 1, EOS 2), ~0.1 s."""
+  from cnllama_jax import tokenizer as tok_lib
+  return str(tok_lib.train_sentencepiece([os.path.join(DATA, "tokenizer_en.txt")], path,
+                                         vocab_size=vocab_size, model_type="bpe",
+                                         character_coverage=1.0, progress=False))
+
+
+@pytest.fixture(scope="module")
+def tokenized_run(tmp_path_factory):
+  """A trained workdir on a HF base (vocabulary 99) resized to a 131-piece tokenizer."""
+  from cnllama_jax import run_config, trainer
+  tmp = tmp_path_factory.mktemp("tokenized_run")
+  base = hf_models.save(hf_models.make_hf_llama(seed=21, max_position_embeddings=512),
+                        str(tmp / "base"), "safetensors")
+  config = run_config.default()
+  config.base_model, config.tokenizer = base, _sp_model(str(tmp / "tok.model"), 131)
+  config.train.update(dict(global_batch_size=8, seq_len=16, steps=2, log_every=2))
+  config.lora.update(dict(rank=4, alpha=8.0, dropout=0.0))
+  run = trainer.fit(config, str(tmp / "run"))["run"]
+  return tmp, config, run
+
+
+def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_run):
+  import sentencepiece as spm
+  import subprocess
+  import sys
+  import transformers
+  tmp, config, run = tokenized_run
+  out = str(tmp / "hf")
+  assert convert.main(["export", "--format", "hf", "--workdir", str(tmp / "run"), "--out", out,
+                       "--dtype", "float32"]) == 0
+  assert run.cfg.vocab_size == 131
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  sp = spm.SentencePieceProcessor(model_file=config.tokenizer)
+  text = "The quick brown fox jumps over the lazy dog."
+  assert len(tok) == 131
+  assert tok(text).input_ids == [1] + sp.encode(text)
+  with open(os.path.join(out, "tokenizer.model"), "rb") as f, open(config.tokenizer, "rb") as g:
+    assert f.read() == g.read()
+  chat = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "generate.py"), f"--model={out}",
+       "--interactive", "--max_new_tokens=3", "--temperature=0"],
+      input="hello there\n", capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert chat.returncode == 0, chat.stderr[-2000:]
+  assert "(vocab 131, 2 layers)" in chat.stderr and " tokens, " in chat.stderr
+
+
+def test_meta_export_of_a_workdir_carries_its_tokenizer(tokenized_run):
+  import transformers
+  tmp, config, run = tokenized_run
+  out = str(tmp / "meta")
+  assert convert.main(["export", "--format", "meta", "--workdir", str(tmp / "run"),
+                       "--out", out]) == 0
+  with open(os.path.join(out, "tokenizer.model"), "rb") as f, open(config.tokenizer, "rb") as g:
+    assert f.read() == g.read()
+  assert len(transformers.AutoTokenizer.from_pretrained(out)) == 131 == run.cfg.vocab_size
+  assert export.load_meta(out)[0].vocab_size == 131
+
+
+def test_generate_without_a_tokenizer_is_a_one_line_error(tmp_path):
+  import subprocess
+  import sys
+  _, cfg, params = _base(tmp_path, seed=22)
+  out = export.save_hf(cfg, params, str(tmp_path / "bare"))
+  run = subprocess.run([sys.executable, os.path.join(REPO, "launch", "generate.py"),
+                        f"--model={out}", "--interactive"], input="", capture_output=True,
+                       text=True, timeout=300, cwd=REPO)
+  assert run.returncode == 1
+  lines = run.stderr.strip().splitlines()
+  assert lines[-1] == f"error: no tokenizer.model in ['{out}']; pass --tokenizer"
+  assert "Traceback" not in run.stderr
+
+
+def test_peft_export_of_a_workdir_loads_on_its_named_base_with_its_tokenizer(tokenized_run):
+  import peft
+  import transformers
+  tmp, config, run = tokenized_run
+  out = str(tmp / "peft")
+  assert convert.main(["export", "--format", "peft", "--workdir", str(tmp / "run"),
+                       "--out", out]) == 0
+  with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
+    assert json.load(f)["base_model_name_or_path"] == config.base_model
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert len(tok) == 131
+  base = transformers.AutoModelForCausalLM.from_pretrained(config.base_model)
+  base.resize_token_embeddings(len(tok))  # as the paper's scripts, before loading the LoRA
+  model = peft.PeftModel.from_pretrained(base, out).eval()
+  ids = np.asarray([tok("The lazy dog").input_ids + [5, 130, 64]], np.int32)
+  params = lora_lib.combine(run.state.frozen, run.state.trainable)
+  diff = _max_diff(cnllama_jax.logits(run.cfg, params, ids, lora=run.lora),
+                   hf_models.hf_logits(model, ids))
+  print(f"workdir PEFT export on its named base: logits max diff {diff:.2e}")
+  assert diff <= TOL
+
+
+def test_export_refuses_a_tokenizer_of_another_size(tmp_path):
+  _, cfg, params = _base(tmp_path, seed=23)  # vocabulary 99
+  tokenizer = _sp_model(str(tmp_path / "t.model"), 131)
+  with pytest.raises(ValueError, match=r"t.model has 131 pieces but the exported model has 99 "
+                     "tokens; pass the tokenizer it was trained with"):
+    export.save_hf(cfg, params, str(tmp_path / "out"), tokenizer_dir=tokenizer)
+  assert not os.path.exists(tmp_path / "out")
