@@ -69,8 +69,8 @@ def _tokenizer_dir(args) -> str | None:
 
 
 def _from_workdir(workdir: str):
-  """(cfg, params with adapters, LoraConfig, trained whole modules, the run's config) of a run's newest
-  restored into the plan of the config.json the run saved (its base model and tokenizer paths
+  """(cfg, params with adapters, LoraConfig, trained whole modules, the run's config) of a run's
+  newest checkpoint, restored into the plan of the config.json the run saved (its base model and tokenizer paths
   must resolve); no optimizer or train step is built."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from cnllama_jax import build, plan as plan_lib  # pylint: disable=import-outside-toplevel
