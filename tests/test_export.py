@@ -423,7 +423,7 @@ def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_
        "--interactive", "--max_new_tokens=3", "--temperature=0"],
       input="hello there\n", capture_output=True, text=True, timeout=300, cwd=REPO)
   assert chat.returncode == 0, chat.stderr[-2000:]
-  assert "(vocab 131, 2 layers)" in chat.stderr and " tokens, " in chat.stderr
+  assert "(vocab 131, 2 layers" in chat.stderr and "(3 tokens, " in chat.stderr
 
 
 def test_meta_export_of_a_workdir_carries_its_tokenizer(tokenized_run):
