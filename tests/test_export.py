@@ -397,8 +397,7 @@ def tokenized_run(tmp_path_factory):
   config.base_model, config.tokenizer = base, _sp_model(str(tmp / "tok.model"), 131)
   config.train.update(dict(global_batch_size=8, seq_len=16, steps=2, log_every=2))
   config.lora.update(dict(rank=4, alpha=8.0, dropout=0.0))
-  run = trainer.fit(config, str(tmp / "run"))["run"]
-  return tmp, config, run
+  return tmp, config, trainer.train(config, str(tmp / "run"))
 
 
 def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_run):
@@ -406,7 +405,8 @@ def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_
   import subprocess
   import sys
   import transformers
-  tmp, config, run = tokenized_run
+  tmp, config, result = tokenized_run
+  run = result["run"]
   out = str(tmp / "hf")
   assert convert.main(["export", "--format", "hf", "--workdir", str(tmp / "run"), "--out", out,
                        "--dtype", "float32"]) == 0
@@ -428,7 +428,8 @@ def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_
 
 def test_meta_export_of_a_workdir_carries_its_tokenizer(tokenized_run):
   import transformers
-  tmp, config, run = tokenized_run
+  tmp, config, result = tokenized_run
+  run = result["run"]
   out = str(tmp / "meta")
   assert convert.main(["export", "--format", "meta", "--workdir", str(tmp / "run"),
                        "--out", out]) == 0
@@ -455,7 +456,8 @@ def test_generate_without_a_tokenizer_is_a_one_line_error(tmp_path):
 def test_peft_export_of_a_workdir_loads_on_its_named_base_with_its_tokenizer(tokenized_run):
   import peft
   import transformers
-  tmp, config, run = tokenized_run
+  tmp, config, result = tokenized_run
+  run = result["run"]
   out = str(tmp / "peft")
   assert convert.main(["export", "--format", "peft", "--workdir", str(tmp / "run"),
                        "--out", out]) == 0
@@ -467,7 +469,7 @@ def test_peft_export_of_a_workdir_loads_on_its_named_base_with_its_tokenizer(tok
   base.resize_token_embeddings(len(tok))  # as the paper's scripts, before loading the LoRA
   model = peft.PeftModel.from_pretrained(base, out).eval()
   ids = np.asarray([tok("The lazy dog").input_ids + [5, 130, 64]], np.int32)
-  params = lora_lib.combine(run.state.frozen, run.state.trainable)
+  params = lora_lib.combine(run.frozen, result["state"].trainable)
   diff = _max_diff(cnllama_jax.logits(run.cfg, params, ids, lora=run.lora),
                    hf_models.hf_logits(model, ids))
   print(f"workdir PEFT export on its named base: logits max diff {diff:.2e}")
