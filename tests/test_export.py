@@ -400,24 +400,32 @@ def tokenized_run(tmp_path_factory):
   return tmp, config, trainer.train(config, str(tmp / "run"))
 
 
+def _export_run(tokenized_run, fmt: str, *extra: str) -> str:
+  """Exports the tokenized run's workdir as `fmt` into <tmp>/<fmt>; the export holds the run's
+  tokenizer.model byte for byte. Returns the export directory."""
+  tmp, config, _ = tokenized_run
+  out = str(tmp / fmt)
+  assert convert.main(["export", "--format", fmt, "--workdir", str(tmp / "run"), "--out", out,
+                       *extra]) == 0
+  with open(os.path.join(out, "tokenizer.model"), "rb") as f, open(config.tokenizer, "rb") as g:
+    assert f.read() == g.read()
+  return out
+
+
 def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_run):
   import sentencepiece as spm
   import subprocess
   import sys
   import transformers
-  tmp, config, result = tokenized_run
+  _, config, result = tokenized_run
   run = result["run"]
-  out = str(tmp / "hf")
-  assert convert.main(["export", "--format", "hf", "--workdir", str(tmp / "run"), "--out", out,
-                       "--dtype", "float32"]) == 0
+  out = _export_run(tokenized_run, "hf", "--dtype", "float32")
   assert run.cfg.vocab_size == 131
   tok = transformers.AutoTokenizer.from_pretrained(out)
   sp = spm.SentencePieceProcessor(model_file=config.tokenizer)
   text = "The quick brown fox jumps over the lazy dog."
   assert len(tok) == 131
   assert tok(text).input_ids == [1] + sp.encode(text)
-  with open(os.path.join(out, "tokenizer.model"), "rb") as f, open(config.tokenizer, "rb") as g:
-    assert f.read() == g.read()
   chat = subprocess.run(
       [sys.executable, os.path.join(REPO, "launch", "generate.py"), f"--model={out}",
        "--interactive", "--max_new_tokens=3", "--temperature=0"],
@@ -428,13 +436,8 @@ def test_hf_export_of_a_workdir_carries_its_tokenizer_and_chats_alone(tokenized_
 
 def test_meta_export_of_a_workdir_carries_its_tokenizer(tokenized_run):
   import transformers
-  tmp, config, result = tokenized_run
-  run = result["run"]
-  out = str(tmp / "meta")
-  assert convert.main(["export", "--format", "meta", "--workdir", str(tmp / "run"),
-                       "--out", out]) == 0
-  with open(os.path.join(out, "tokenizer.model"), "rb") as f, open(config.tokenizer, "rb") as g:
-    assert f.read() == g.read()
+  run = tokenized_run[2]["run"]
+  out = _export_run(tokenized_run, "meta")
   assert len(transformers.AutoTokenizer.from_pretrained(out)) == 131 == run.cfg.vocab_size
   assert export.load_meta(out)[0].vocab_size == 131
 
@@ -456,11 +459,9 @@ def test_generate_without_a_tokenizer_is_a_one_line_error(tmp_path):
 def test_peft_export_of_a_workdir_loads_on_its_named_base_with_its_tokenizer(tokenized_run):
   import peft
   import transformers
-  tmp, config, result = tokenized_run
+  _, config, result = tokenized_run
   run = result["run"]
-  out = str(tmp / "peft")
-  assert convert.main(["export", "--format", "peft", "--workdir", str(tmp / "run"),
-                       "--out", out]) == 0
+  out = _export_run(tokenized_run, "peft")
   with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
     assert json.load(f)["base_model_name_or_path"] == config.base_model
   tok = transformers.AutoTokenizer.from_pretrained(out)
