@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Iterable
 
-from cnllama_jax import tokenizer as tk
+from cnllama_jax import paths, tokenizer as tk, tokenizer_hf
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,8 @@ def token_bytes(token: str) -> bytes:
   return bytes(CHAR_BYTE[c] for c in token)
 
 
-def _json_file(path: tk.PathLike) -> Path:
-  path = Path(path)
-  return path / "tokenizer.json" if path.is_dir() else path
+def _json_file(path: tk.PathLike) -> str:
+  return paths.join(path, "tokenizer.json") if paths.isdir(path) else os.fspath(path)
 
 
 def _has_byte_level(node) -> bool:
@@ -71,9 +70,10 @@ def load_json(path: tk.PathLike) -> dict:
   """A byte-level BPE ``tokenizer.json`` (file or directory) as a dict; one-line errors otherwise."""
   file = _json_file(path)
   try:
-    doc = json.loads(file.read_text(encoding="utf-8"))
+    doc = json.loads(paths.read_text(file))
   except OSError as e:
-    raise UnsupportedTokenizerError(f"{file}: cannot read tokenizer ({e.strerror})") from None
+    raise UnsupportedTokenizerError(
+        f"{file}: cannot read tokenizer ({e.strerror or 'no such file'})") from None
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UnsupportedTokenizerError(f"{file}: not a tokenizer.json ({e})") from None
   model = doc.get("model") if isinstance(doc, dict) else None
@@ -102,7 +102,7 @@ def size(doc: dict) -> int:
 
 
 def train(inputs: Iterable[tk.PathLike], out_path: tk.PathLike, vocab_size: int = 20000,
-          min_frequency: int = 2, progress: bool = True) -> Path:
+          min_frequency: int = 2, progress: bool = True) -> paths.epath.Path:
   """Trains a byte-level BPE ``tokenizer.json`` on UTF-8 files/directories (written atomically).
 
   GPT-2 pre-tokenization (``ByteLevel``, no prefix space) and decoder; no special tokens (a merge
@@ -126,10 +126,10 @@ def train(inputs: Iterable[tk.PathLike], out_path: tk.PathLike, vocab_size: int 
   with tqdm(total=n_bytes, unit="B", unit_scale=True, desc="reading corpus",
             disable=not progress) as bar:
     tokenizer.train_from_iterator(sources.iter_documents(files, on_bytes=bar.update), trainer)
-  out = tk.atomic_write_bytes(out_path, tokenizer.to_str().encode("utf-8"))
-  logger.info("wrote %s (%d tokens) in %.1fs", out, tokenizer.get_vocab_size(),
+  paths.write_bytes(out_path, tokenizer.to_str().encode("utf-8"))
+  logger.info("wrote %s (%d tokens) in %.1fs", out_path, tokenizer.get_vocab_size(),
               time.perf_counter() - start)
-  return out
+  return paths.path(out_path)
 
 
 def extend(base: dict, added: dict, pad_piece: str | None = None) -> tuple[dict, list[str]]:
@@ -180,29 +180,6 @@ def extend(base: dict, added: dict, pad_piece: str | None = None) -> tuple[dict,
   return merged, appended
 
 
-def _hf_configs(base_path: Path, merged: dict, pad_piece: str | None) -> dict[str, bytes]:
-  """tokenizer_config.json / special_tokens_map.json: the base's (if it has them), else minimal."""
-  directory = base_path if base_path.is_dir() else base_path.parent
-  out = {}
-  for name in ("tokenizer_config.json", "special_tokens_map.json"):
-    file = directory / name
-    if base_path.is_dir() and file.is_file():
-      try:
-        out[name] = json.loads(file.read_text(encoding="utf-8"))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-  config = out.setdefault("tokenizer_config.json",
-                          {"tokenizer_class": "PreTrainedTokenizerFast",
-                           "clean_up_tokenization_spaces": False})
-  decoder = config.setdefault("added_tokens_decoder", {})
-  for token in merged.get("added_tokens", []):
-    decoder.setdefault(str(token["id"]), {k: v for k, v in token.items() if k != "id"})
-  if pad_piece is not None:
-    config["pad_token"] = pad_piece
-    out.setdefault("special_tokens_map.json", {})["pad_token"] = pad_piece
-  return {name: tk.json_bytes(doc) for name, doc in out.items()}
-
-
 def merge(base_path: tk.PathLike, added_path: tk.PathLike, out_dir: tk.PathLike,
           pad_piece: str | None = None) -> tk.MergeResult:
   """Writes ``out_dir`` (tokenizer.json, tokenizer_config.json [, special_tokens_map.json]) for
@@ -211,14 +188,15 @@ def merge(base_path: tk.PathLike, added_path: tk.PathLike, out_dir: tk.PathLike,
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
 
   base, added = load_json(base_path), load_json(added_path)
-  out = Path(out_dir)
+  out = os.fspath(out_dir)
   tk.check_output_dir(out)
   merged, appended = extend(base, added, pad_piece)
   data = json.dumps(merged, ensure_ascii=False).encode("utf-8")
   Tokenizer.from_str(data.decode("utf-8"))  # tokenizers must load the result
-  tk.publish_dir(out, {"tokenizer.json": data, **_hf_configs(Path(base_path), merged, pad_piece)})
+  tk.publish_dir(out, {"tokenizer.json": data,
+                      **tokenizer_hf.bpe_configs(base_path, merged, pad_piece)})
   num_base, total = size(base), size(merged)
-  result = tk.MergeResult(str(out), total, num_base, len(appended),
+  result = tk.MergeResult(out, total, num_base, len(appended),
                           total - 1 if pad_piece is not None else None)
   logger.info("merged %s + %s -> %s: %d tokens (%d appended)", base_path, added_path, out, total,
               len(appended))

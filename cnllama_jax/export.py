@@ -26,7 +26,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from cnllama_jax import hf, paths, tokenizer as tok_lib
+from cnllama_jax import hf, paths, tokenizer as tok_lib, tokenizer_hf
 from cnllama_jax.config import LlamaConfig, to_hf_dict
 from cnllama_jax.lora import LoraConfig, lora_for, merged_kernel
 
@@ -128,7 +128,7 @@ def write_tokenizer(source: str | None, out: str, vocab_size: int) -> None:
                        "trained with")
     if not {"tokenizer.json", "tokenizer_config.json"} & set(found):
       pad = "[PAD]" if any(p.piece == "[PAD]" for p in proto.pieces) else None
-      made = tok_lib.hf_files(proto, pad)
+      made = tokenizer_hf.hf_files(proto, pad)
   if _writer():
     for name, src in found.items():
       paths.write_bytes(paths.join(out, name), paths.read_bytes(src))

@@ -30,7 +30,7 @@ import time
 
 import jax
 
-from cnllama_jax import build, evaluate, lora as lora_lib, plan as plan_lib
+from cnllama_jax import build, evaluate, lora as lora_lib, paths, plan as plan_lib
 from cnllama_jax import tokenizer as tok_lib, tokenizer_stats, trainer, writers
 from cnllama_jax.data import sources
 
@@ -61,7 +61,7 @@ def split_corpus(path: str, out_dir: str, every: int = HELDOUT_EVERY) -> tuple[s
   for file, part in ((os.path.join(train_dir, "corpus.txt"),
                       [d for i, d in enumerate(docs) if i % every != every - 1]),
                      (heldout, docs[every - 1::every])):
-    tok_lib.atomic_write_bytes(file, ("\n".join(part) + "\n").encode("utf-8"))
+    paths.write_bytes(file, ("\n".join(part) + "\n").encode("utf-8"))
   return train_dir, heldout
 
 
@@ -231,7 +231,7 @@ def run(config, workdir: str, verbose: bool = False, out=None) -> dict:
              "stages": stages, "instruction": config.generate.instruction, "answer": answer,
              "plot": plot_losses(stages, os.path.join(workdir, "loss.png")),
              "seconds": time.perf_counter() - start}
-  tok_lib.atomic_write_bytes(os.path.join(workdir, "demo_summary.json"), json.dumps(
+  paths.write_bytes(os.path.join(workdir, "demo_summary.json"), json.dumps(
       summary, ensure_ascii=False, indent=1).encode("utf-8"))
   print(format_summary(summary), file=out, flush=True)
   return summary
@@ -293,7 +293,8 @@ def plot_losses(stages: dict, png_path: str) -> str:
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=110)
-  return str(tok_lib.atomic_write_bytes(png_path, buffer.getvalue()))
+  paths.write_bytes(png_path, buffer.getvalue())
+  return str(png_path)
 
 
 def _answer(config, base, tokenizer_dir: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable
 
 import jax
@@ -20,7 +19,7 @@ import optax
 from jax.sharding import Mesh
 
 from cnllama_jax import lora as lora_lib, model as model_lib, sharding as shd
-from cnllama_jax import tokenizer as tok_lib
+from cnllama_jax import paths, tokenizer as tok_lib
 from cnllama_jax import train as train_lib, vocab as vocab_lib
 from cnllama_jax.config import LlamaConfig
 
@@ -107,7 +106,7 @@ def build_mesh(config, devices=None) -> Mesh:
 
 def tokenizer_size(path: str) -> int:
   """Ids of a SentencePiece model or byte-level BPE tokenizer.json (a file or a directory)."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"tokenizer {path}: no such file; expected a SentencePiece .model, a "
                             "tokenizer.json or a directory with one")
   return tok_lib.vocab_size(path)

@@ -13,8 +13,12 @@
   Hugging Face ``tokenizers`` (merge rank) agrees with sentencepiece (score,
   then leftmost position), which it does not with score 0.
 * ``load_processor``: a SentencePieceProcessor from a model file or directory.
+* ``load`` / ``vocab_size`` / ``sub_pieces``: either kind (SentencePiece ``.model`` or byte-level
+  BPE ``tokenizer.json``, see ``bpe``).
 
-Encoding-efficiency statistics are in ``tokenizer_stats``.
+Every path may be local or a URL (``gs://bucket/dir``): reads and writes go through ``paths``.
+The Hugging Face files written beside a model are made by ``tokenizer_hf``; encoding-efficiency
+statistics are in ``tokenizer_stats``.
 """
 
 from __future__ import annotations
@@ -24,14 +28,13 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
-from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from cnllama_jax import paths, tokenizer_hf
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,6 @@ NORMAL, UNKNOWN, CONTROL = _Piece.NORMAL, _Piece.UNKNOWN, _Piece.CONTROL
 USER_DEFINED, BYTE = _Piece.USER_DEFINED, _Piece.BYTE
 SCORE_MODES = ("zero", "ordered")
 PAD_TYPES = {"normal": NORMAL, "user_defined": USER_DEFINED}
-HF_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 PathLike = str | os.PathLike
 
 
@@ -55,64 +57,21 @@ class InvalidModelError(ValueError):
 # ----------------------------------------------------------------------------- training
 
 
-def list_text_files(inputs: Iterable[PathLike]) -> list[Path]:
-  """Expands files and directories: a directory gives its `.txt` files (recursively, sorted,
-  hidden entries skipped); a file given by name is taken whatever its suffix."""
-  files: list[Path] = []
-  for item in inputs:
-    path = Path(item)
-    if path.is_dir():
-      files += [p for p in sorted(path.rglob("*.txt")) if p.is_file()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-    elif path.is_file():
-      files.append(path)
-    else:
-      raise CorpusError(f"{path}: no such file or directory")
-  return files
+def check_corpus(inputs: Iterable[PathLike]) -> tuple[list, int, int]:
+  """``(files, non_blank_lines, bytes)`` of training input (files and directories of ``.txt``
+  files, as ``data.sources.list_files``); CorpusError if missing, empty or not UTF-8."""
+  from cnllama_jax.data import sources  # pylint: disable=import-outside-toplevel
+  n_bytes = 0
 
-
-def check_utf8(path: PathLike) -> tuple[int, int]:
-  """Returns ``(non_blank_lines, size_in_bytes)``; raises CorpusError at the first invalid byte."""
-  offset = lines = 0
-  with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, start=1):
-      try:
-        lines += bool(raw.decode("utf-8").strip())
-      except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not valid UTF-8 at byte offset {offset + e.start} "
-                          f"(line {line_no}): {e.reason}") from None
-      offset += len(raw)
-  return lines, offset
-
-
-def read_utf8(path: PathLike) -> str:
-  """Reads a text file, raising CorpusError with the position of invalid UTF-8."""
-  check_utf8(path)
-  return Path(path).read_text(encoding="utf-8")
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-  """Writes ``data`` to a temporary sibling and renames it over ``path``."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  def count(size: int) -> None:
+    nonlocal n_bytes
+    n_bytes += size
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
-
-
-def check_corpus(inputs: Iterable[PathLike]) -> tuple[list[Path], int, int]:
-  """``(files, non_blank_lines, bytes)`` of training input; CorpusError if missing/empty/bad."""
-  files = list_text_files(inputs)
-  if not files:
-    raise CorpusError("no input files given")
-  counts = [check_utf8(path) for path in files]
-  n_lines, n_bytes = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    one = isinstance(inputs, (str, os.PathLike))
+    files = sources.list_files(inputs if one else list(inputs), sources.TEXT_SUFFIXES)
+    n_lines = sum(1 for _ in sources.iter_documents(files, on_bytes=count))
+  except (FileNotFoundError, ValueError) as e:
+    raise CorpusError(str(e)) from None
   if n_lines == 0:
     raise CorpusError(f"empty input: no non-blank line in {', '.join(map(str, files))}")
   return files, n_lines, n_bytes
@@ -125,7 +84,7 @@ def train_sentencepiece(
     remove_extra_whitespaces: bool = True, allow_whitespace_only_pieces: bool = False,
     hard_vocab_limit: bool = True, input_sentence_size: int = 0, num_threads: int | None = None,
     progress: bool = True, **extra,
-) -> Path:
+) -> paths.epath.Path:
   """Trains a SentencePiece model on UTF-8 files/directories; writes ``out_path`` atomically.
 
   Defaults are the paper's Chinese model.  A LLaMA-like base model is
@@ -158,9 +117,10 @@ def train_sentencepiece(
         sentence_iterator=sources.iter_documents(files, on_bytes=bar.update),
         model_writer=buffer, **options)
   proto = parse_model_proto(buffer.getvalue(), "trained model")
-  out = atomic_write_bytes(out_path, buffer.getvalue())
-  logger.info("wrote %s (%d pieces) in %.1fs", out, len(proto.pieces), time.perf_counter() - start)
-  return out
+  paths.write_bytes(out_path, buffer.getvalue())
+  logger.info("wrote %s (%d pieces) in %.1fs", out_path, len(proto.pieces),
+              time.perf_counter() - start)
+  return paths.path(out_path)
 
 
 # ----------------------------------------------------------------------------- merging
@@ -181,14 +141,14 @@ def parse_model_proto(data: bytes, name: str = "<bytes>") -> sp_pb2.ModelProto:
 
 
 def load_model_proto(path: PathLike) -> sp_pb2.ModelProto:
-  """Reads a ``.model`` file (or ``<dir>/tokenizer.model``); errors name the file."""
-  path = Path(path)
-  path = path / "tokenizer.model" if path.is_dir() else path
+  """Reads a ``.model`` file (or ``<dir>/tokenizer.model``, local or a URL); errors name it."""
+  path = paths.join(path, "tokenizer.model") if paths.isdir(path) else os.fspath(path)
   try:
-    data = path.read_bytes()
+    data = paths.read_bytes(path)
   except OSError as e:
-    raise InvalidModelError(f"{path}: cannot read SentencePiece model ({e.strerror})") from None
-  return parse_model_proto(data, str(path))
+    raise InvalidModelError(f"{path}: cannot read SentencePiece model "
+                            f"({e.strerror or 'no such file'})") from None
+  return parse_model_proto(data, path)
 
 
 def merge_protos(base: sp_pb2.ModelProto, added: sp_pb2.ModelProto, pad_piece: str | None = None,
@@ -229,73 +189,6 @@ def merge_protos(base: sp_pb2.ModelProto, added: sp_pb2.ModelProto, pad_piece: s
   return merged
 
 
-def bpe_merges(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> list[tuple[str, str]]:
-  """Hugging Face BPE merges following sentencepiece's BPE priorities.
-
-  sentencepiece repeatedly merges the adjacent pair whose concatenation is the
-  NORMAL piece with the highest score (ties: leftmost pair).  Every split of a
-  NORMAL piece into two NORMAL pieces becomes a merge, ranked by (score
-  descending, piece id, split point); only equal scores can still disagree.
-  (transformers' own conversion ranks merges by id alone, ignoring scores.)
-  A NORMAL ``pad_piece`` is a special token for Hugging Face, never a merge result.
-  """
-  ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == NORMAL and p.piece != pad_piece}
-  ranked = sorted((-proto.pieces[i].score, i, cut, piece[:cut], piece[cut:])
-                  for piece, i in ids.items() for cut in range(1, len(piece))
-                  if piece[:cut] in ids and piece[cut:] in ids)
-  return [(left, right) for *_, left, right in ranked]
-
-
-def _added_tokens(proto: sp_pb2.ModelProto, pad_piece: str | None) -> dict[int, dict]:
-  """id -> tokenizers AddedToken fields, for control/unknown (special) and user-defined pieces."""
-  return {i: {"content": p.piece, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": p.type != USER_DEFINED or p.piece == pad_piece}
-          for i, p in enumerate(proto.pieces)
-          if p.type in (CONTROL, UNKNOWN, USER_DEFINED) or p.piece == pad_piece}
-
-
-def _role_tokens(proto: sp_pb2.ModelProto, pad_piece: str | None) -> dict[str, str | None]:
-  spec, n = proto.trainer_spec, len(proto.pieces)
-  role = {"bos_token": spec.bos_id, "eos_token": spec.eos_id, "unk_token": spec.unk_id}
-  tokens = {k: proto.pieces[i].piece if 0 <= i < n else None for k, i in role.items()}
-  return tokens | {"pad_token": pad_piece}
-
-
-def hf_tokenizer_json(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> dict:
-  """``tokenizer.json``: LLaMA-style BPE (Metaspace, byte fallback, BOS prepended)."""
-  bos, bos_id = _role_tokens(proto, pad_piece)["bos_token"], proto.trainer_spec.bos_id
-  dummy = proto.normalizer_spec.add_dummy_prefix
-  decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-              {"type": "ByteFallback"}, {"type": "Fuse"}]
-  decoders += [{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if dummy else []
-  first = [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
-  second = [{"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}]
-  return {
-      "version": "1.0", "truncation": None, "padding": None,
-      "added_tokens": [{"id": i, **t} for i, t in _added_tokens(proto, pad_piece).items()],
-      "normalizer": None,
-      "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
-                        "prepend_scheme": "first" if dummy else "never", "split": False},
-      "post_processor": {"type": "TemplateProcessing", "single": first, "pair": first + second,
-                         "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}},
-      "decoder": {"type": "Sequence", "decoders": decoders},
-      "model": {"type": "BPE", "dropout": None, "unk_token": _role_tokens(proto, None)["unk_token"],
-                "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-                "byte_fallback": True, "ignore_merges": False,
-                "vocab": {p.piece: i for i, p in enumerate(proto.pieces)},
-                "merges": [list(m) for m in bpe_merges(proto, pad_piece)]},
-  }
-
-
-def hf_tokenizer_config(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> dict:
-  """``tokenizer_config.json`` for ``transformers.AutoTokenizer`` (LlamaTokenizer)."""
-  return {"tokenizer_class": "LlamaTokenizer", **_role_tokens(proto, pad_piece),
-          "add_bos_token": True, "add_eos_token": False,
-          "add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix), "legacy": False,
-          "clean_up_tokenization_spaces": False,
-          "added_tokens_decoder": {str(i): t for i, t in _added_tokens(proto, pad_piece).items()}}
-
-
 @dataclasses.dataclass(frozen=True)
 class MergeResult:
   """What ``merge`` wrote: directory, total/base/appended piece counts and pad id."""
@@ -307,53 +200,30 @@ class MergeResult:
   pad_id: int | None
 
 
-def json_bytes(doc: dict, indent: int | None = 2) -> bytes:
-  return (json.dumps(doc, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
-
-
-def hf_files(proto: sp_pb2.ModelProto, pad_piece: str | None = None) -> dict[str, bytes]:
-  """The Hugging Face files of a model beside its ``tokenizer.model``: {name: UTF-8 bytes} of
-  ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
-  roles = {k: v for k, v in _role_tokens(proto, pad_piece).items() if v}
-  return {"tokenizer.json": json_bytes(hf_tokenizer_json(proto, pad_piece), None),
-          "tokenizer_config.json": json_bytes(hf_tokenizer_config(proto, pad_piece)),
-          "special_tokens_map.json": json_bytes(roles)}
-
-
-def check_output_dir(out: Path) -> None:
+def check_output_dir(out: PathLike) -> None:
   """A merge writes a new directory: a non-empty existing one is refused (FileExistsError)."""
-  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+  if paths.exists(out) and (not paths.isdir(out) or paths.listdir(out)):
     raise FileExistsError(
         f"{out}: output exists and is not an empty directory; remove it or choose another")
 
 
-def publish_dir(out: Path, files: dict[str, bytes]) -> Path:
-  """Writes ``files`` into a temporary sibling of ``out`` and renames it into place, so ``out``
-  is either complete or absent."""
+def publish_dir(out: PathLike, files: dict[str, bytes]) -> str:
+  """Writes ``files`` ({name: bytes}) as the new directory ``out`` (``paths.publish_dir``: a
+  local ``out`` is complete or absent; on a bucket it is marked incomplete until done)."""
   check_output_dir(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-  try:
-    tmp.chmod(0o755)  # mkdtemp creates 0700
+  with paths.publish_dir(out, overwrite=True) as tmp:  # overwrite: an empty directory only
     for name, data in files.items():
-      (tmp / name).write_bytes(data)
-    if out.exists():
-      out.rmdir()
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
+      paths.write_bytes(paths.join(tmp, name), data)
+  return os.fspath(out)
 
 
 def base_kind(path: PathLike) -> str:
   """``"sentencepiece"`` for a ``.model`` file or a directory holding ``tokenizer.model``;
   ``"bpe"`` for a ``tokenizer.json`` file or a directory with only ``tokenizer.json``."""
-  path = Path(path)
-  if path.is_dir():
-    return "bpe" if not (path / "tokenizer.model").exists() and (
-        path / "tokenizer.json").exists() else "sentencepiece"
-  return "bpe" if path.suffix == ".json" else "sentencepiece"
+  if paths.isdir(path):
+    return "bpe" if not paths.exists(paths.join(path, "tokenizer.model")) and paths.exists(
+        paths.join(path, "tokenizer.json")) else "sentencepiece"
+  return "bpe" if os.fspath(path).endswith(".json") else "sentencepiece"
 
 
 def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
@@ -361,7 +231,7 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
           pad_type: str = "normal") -> MergeResult:
   """Merges two ``.model`` files (see ``merge_protos``) into the new directory ``out_dir``.
 
-  ``out_dir`` gets ``HF_FILES``; it is built in a temporary sibling and renamed
+  ``out_dir`` gets ``tokenizer_hf.HF_FILES``; it is built in a temporary sibling and renamed
   into place, so it is either complete or absent.  A non-empty existing
   ``out_dir`` is refused (FileExistsError).  The base must be BPE (as LLaMA's).
   A byte-level BPE base (a ``tokenizer.json``, LLaMA-3 style) goes to ``bpe.merge``
@@ -379,13 +249,13 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
     logger.warning("%s: normalizer %r is not reproduced by the Hugging Face files",
                    base_path, norm.name)
   merged = merge_protos(base, added, pad_piece, new_piece_scores, pad_type)
-  out = Path(out_dir)
+  out = os.fspath(out_dir)
   check_output_dir(out)
   data = merged.SerializeToString()
-  parse_model_proto(data, str(out / "tokenizer.model"))  # sentencepiece must load the result
-  publish_dir(out, {"tokenizer.model": data, **hf_files(merged, pad_piece)})
+  parse_model_proto(data, paths.join(out, "tokenizer.model"))  # sentencepiece must load it
+  publish_dir(out, {"tokenizer.model": data, **tokenizer_hf.hf_files(merged, pad_piece)})
   pad_id = len(merged.pieces) - 1 if pad_piece is not None else None
-  result = MergeResult(str(out), len(merged.pieces), len(base.pieces),
+  result = MergeResult(out, len(merged.pieces), len(base.pieces),
                        len(merged.pieces) - len(base.pieces) - (pad_id is not None), pad_id)
   logger.info("merged %s + %s -> %s: %d pieces (%d appended)", base_path, added_path, out,
               result.num_pieces, result.num_added)

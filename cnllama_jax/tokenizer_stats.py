@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import io
 import time
-from pathlib import Path
 from typing import Sequence
 
 import sentencepiece as spm
 
-from cnllama_jax.tokenizer import PathLike, atomic_write_bytes
+from cnllama_jax import paths
+from cnllama_jax.paths import PathLike
 
 
 def _byte_level_split_chars(tok, text: str) -> int:
@@ -116,8 +116,9 @@ def format_stats_table(stats: Sequence[TokenizerStats]) -> str:
   return "\n".join(rows)
 
 
-def plot_stats(stats: Sequence[TokenizerStats], png_path: PathLike) -> Path:
-  """Saves a 4-panel bar chart of ``stats`` to ``png_path`` (Agg canvas, no pyplot state)."""
+def plot_stats(stats: Sequence[TokenizerStats], png_path: PathLike):
+  """Saves a 4-panel bar chart of ``stats`` to ``png_path`` (Agg canvas, no pyplot state);
+  returns its ``epath.Path``."""
   from matplotlib.figure import Figure
 
   panels = [("tokens / char", [s.tokens_per_char for s in stats]),
@@ -132,4 +133,5 @@ def plot_stats(stats: Sequence[TokenizerStats], png_path: PathLike) -> Path:
   fig.tight_layout()
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120)
-  return atomic_write_bytes(png_path, buffer.getvalue())
+  paths.write_bytes(png_path, buffer.getvalue())
+  return paths.path(png_path)

@@ -21,12 +21,14 @@ import sys
 from pathlib import Path
 
 try:
-  from cnllama_jax import bpe, cli, tokenizer as tk
+  from cnllama_jax import bpe, cli, paths, tokenizer as tk
   from cnllama_jax import tokenizer_stats as tstats
+  from cnllama_jax.data import sources
 except ImportError:  # running from a checkout without the package installed
   sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  from cnllama_jax import bpe, cli, tokenizer as tk
+  from cnllama_jax import bpe, cli, paths, tokenizer as tk
   from cnllama_jax import tokenizer_stats as tstats
+  from cnllama_jax.data import sources
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, default: bool, help: str) -> None:
@@ -110,14 +112,14 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {result.out_dir}: {result.num_pieces} pieces "
           f"({result.num_base} base + {result.num_added} appended{pad})")
   else:
-    text = tk.read_utf8(args.text)
+    text = "\n".join(line for _, line, _ in sources.iter_lines(args.text))
     results = []
     for path in args.tokenizer:
-      p = Path(path)
+      p = paths.path(path)
       name = p.name if p.is_dir() else p.stem
-      name += " (bpe)" if tk.base_kind(p) == "bpe" else ""
-      results.append(tstats.tokenizer_stats(tk.load(p), text, name=name,
-                                        min_seconds=args.min_seconds))
+      name += " (bpe)" if tk.base_kind(path) == "bpe" else ""
+      results.append(tstats.tokenizer_stats(tk.load(path), text, name=name,
+                                            min_seconds=args.min_seconds))
     print(tstats.format_stats_table(results))
     if args.png:
       print(f"wrote {tstats.plot_stats(results, args.png)}")

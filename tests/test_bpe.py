@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from cnllama_jax import bpe
+from cnllama_jax import bpe, paths
 from cnllama_jax import tokenizer as tk
 from cnllama_jax import tokenizer_stats as tstats
 
@@ -177,6 +177,19 @@ def test_sub_pieces_are_the_base_split(built):
   assert words > 50
   with pytest.raises(ValueError, match=r"has 504 ids but the base model's embedding has 510 rows"):
     tk.sub_pieces(base, result.out_dir, 510)
+
+
+def test_base_on_a_bucket_loads_and_merges_as_locally(built, gcs):
+  _, base, zh, result = built
+  bucket = gcs.bucket()
+  paths.copy_tree(base, bucket + "/base")
+  text = "\n".join(_lines("tokenizer_zh.txt")[:3] + _lines("tokenizer_en.txt")[:3])
+  assert tk.base_kind(bucket + "/base") == "bpe" and tk.vocab_size(bucket + "/base") == 504
+  assert tk.load(bucket + "/base").encode(text).ids == tk.load(base).encode(text).ids
+  remote = tk.merge(bucket + "/base", zh, bucket + "/merged")
+  assert (remote.num_pieces, remote.num_added) == (result.num_pieces, result.num_added)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    assert paths.read_bytes(f"{bucket}/merged/{name}") == (Path(result.out_dir) / name).read_bytes()
 
 
 def test_bad_bases_are_one_line_errors(built, tmp_path):

@@ -23,7 +23,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from cnllama_jax import tokenizer as tk
+from cnllama_jax import paths, tokenizer as tk, tokenizer_hf
 from cnllama_jax import tokenizer_stats as tstats
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_trained_models_have_requested_specs(tiny):
   assert zh.trainer_spec.model_type == sp_pb2.TrainerSpec.UNIGRAM
   assert zh.normalizer_spec.name == "nmt_nfkc"
   assert not zh.trainer_spec.byte_fallback and sum(p.type == tk.BYTE for p in zh.pieces) == 0
-  assert not list(d.glob(".*.tmp"))  # atomic write left nothing behind
+  assert not list(d.glob(".*"))  # atomic write left nothing behind
 
 
 def test_train_errors(tmp_path):
@@ -132,10 +132,10 @@ def test_train_errors(tmp_path):
   with pytest.raises(tk.CorpusError,
                      match=r"empty input: no non-blank line in .*empty\.txt, .*blank\.txt"):
     tk.train_sentencepiece([tmp_path / "empty.txt", tmp_path / "blank.txt"], out, progress=False)
-  # 'ok\n' is 3 bytes, then 中 (3 bytes), then the invalid byte 0xff at offset 6 on line 2
+  # line 2 is 中 then the invalid byte 0xff: column 2
   (tmp_path / "bad.txt").write_bytes("ok\n中".encode() + b"\xff\n")
   with pytest.raises(tk.CorpusError,
-                     match=r"bad\.txt: not valid UTF-8 at byte offset 6 \(line 2\)"):
+                     match=r"bad\.txt:2: not valid UTF-8 \(byte 0xff at column 2\)"):
     tk.train_sentencepiece([DATA / "tokenizer_zh.txt", tmp_path / "bad.txt"], out, progress=False)
   with pytest.raises(tk.CorpusError, match=r"missing\.txt: no such file or directory"):
     tk.train_sentencepiece([tmp_path / "missing.txt"], out, progress=False)
@@ -186,7 +186,7 @@ def test_merge_output_loads_in_transformers(tiny):
   ids = (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
   assert ids == (0, 1, 2, n - 1)
   assert tok.pad_token == "[PAD]" and tok.encode("a")[0] == 1
-  assert sorted(p.name for p in (d / "merged_zero").iterdir()) == sorted(tk.HF_FILES)
+  assert sorted(p.name for p in (d / "merged_zero").iterdir()) == sorted(tokenizer_hf.HF_FILES)
   special = json.loads((d / "merged_zero" / "special_tokens_map.json").read_text())
   assert special == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                      "pad_token": "[PAD]"}
@@ -252,6 +252,28 @@ def test_merge_errors(tiny, tmp_path):
   tk.merge(d / "base.model", d / "zh.model", tmp_path / "emptydir")  # an empty dir is replaced
   assert (tmp_path / "emptydir" / "tokenizer.model").is_file()
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_merge_to_and_load_from_a_bucket(tiny, gcs):
+  """`tokenizer="gs://..."` works: a merge written to a bucket is byte-identical to the local one
+  and loads (as a directory or as its .model file) with the same ids."""
+  d, merged = tiny
+  out = gcs.bucket() + "/tok/merged"
+  result = tk.merge(d / "base.model", d / "zh.model", out, pad_piece="[PAD]")
+  assert (result.out_dir, result.num_pieces) == (out, merged["zero"].num_pieces)
+  assert paths.listdir(out) == sorted(tokenizer_hf.HF_FILES)  # no _INCOMPLETE marker left
+  local = d / "merged_zero"
+  for name in tokenizer_hf.HF_FILES:
+    assert paths.read_bytes(paths.join(out, name)) == (local / name).read_bytes(), name
+  text = "\n".join(_lines("tokenizer_zh.txt")[:5] + _lines("tokenizer_en.txt")[:5])
+  want = tk.load_processor(local).encode(text)
+  assert tk.load_processor(out).encode(text) == want
+  assert tk.load_processor(out + "/tokenizer.model").encode(text) == want
+  assert tk.vocab_size(out) == merged["zero"].num_pieces and tk.base_kind(out) == "sentencepiece"
+  with pytest.raises(FileExistsError, match="not an empty directory"):
+    tk.merge(d / "base.model", d / "zh.model", out)
+  with pytest.raises(tk.InvalidModelError, match=r"/nothing\.model: cannot read SentencePiece"):
+    tk.load_processor(gcs.bucket() + "/nothing.model")
 
 
 # ----------------------------------------------------------------------------- statistics
