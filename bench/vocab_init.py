@@ -1,6 +1,16 @@
 """Held-out Chinese loss of stage 1 under each new-row init (`normal`, `mean`, `subword_mean`).
 
   python bench/vocab_init.py --workdir /tmp/vocab_init [--stage0_steps 300 --stage1_steps 60]
+  python bench/vocab_init.py --demo --workdir /tmp/vocab_init_demo
+
+`--demo`: exactly the demo's (configs/demo.py, cnllama_jax/pipeline.py) corpus split, tokenizers,
+stage 0 and stage 1; for each init the held-out Chinese loss (the demo's held-out documents, as its
+summary measures it) at stage-1 step 0 and after the demo's stage 1, and tokens per character of
+held-out Chinese under the SentencePiece merge (the demo's) and a byte-level BPE merge (an English
+byte-level BPE of the demo's base size extended with a Chinese one of the Chinese model's size).
+A stage 0 already in `<workdir>/stage0` is resumed (not trained again).
+
+Without `--demo`:
 
 Builds a tiny base unless given one: an English SentencePiece base tokenizer (the docstrings of
 Python's standard library, as the demo), a Chinese model on data/demo/zh_corpus, their merge, and a
@@ -19,8 +29,8 @@ import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout, not bench/ (module names)
-from cnllama_jax import build, pipeline, run_config, run_data, tokenizer as tok_lib  # noqa: E402
-from cnllama_jax import trainer  # noqa: E402
+from cnllama_jax import bpe, build, pipeline, run_config, run_data  # noqa: E402
+from cnllama_jax import tokenizer as tok_lib, tokenizer_stats, trainer  # noqa: E402
 from cnllama_jax.data import Loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,10 +91,83 @@ def stage1(workdir: Path, toks: dict, base, init: str, steps: int) -> dict:
           "seconds": time.perf_counter() - start}
 
 
+def demo_tokens_per_char(config, workdir: Path, english: str, chinese: str, heldout: str,
+                         sentencepiece: dict) -> dict:
+  """Tokens per character of the held-out Chinese text: the demo's SentencePiece base and merge,
+  and a byte-level BPE base (English, the demo's base size) and its merge with a Chinese BPE."""
+  t = config.tokenizers
+  base = bpe.train([english], workdir / "bpe_base.json", vocab_size=t.base_vocab_size,
+                   progress=False)
+  zh = bpe.train([chinese], workdir / "bpe_chinese.json", vocab_size=t.chinese_vocab_size,
+                 progress=False)
+  merged = workdir / "bpe_merged_tokenizer"
+  if not merged.exists():
+    tok_lib.merge(base, zh, merged)
+  text = Path(heldout).read_text(encoding="utf-8")
+  out = {f"sentencepiece {k}": v for k, v in sentencepiece.items()}
+  for name, path in (("bpe base", base), ("bpe merged", merged)):
+    out[name] = tokenizer_stats.tokenizer_stats(tok_lib.load(path), text, name=name,
+                                                min_seconds=0.0).tokens_per_char
+  out["sizes"] = {"sentencepiece merged": tok_lib.vocab_size(workdir / "chinese_llama_tokenizer"),
+                  "bpe base": tok_lib.vocab_size(base), "bpe merged": tok_lib.vocab_size(merged)}
+  return out
+
+
+def demo(workdir: Path, variant: str = "") -> dict:
+  """The demo's stage 0, then its stage 1 once per init; held-out losses as the demo's summary."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  english, _ = pipeline.split_corpus(config.english_text, str(workdir / "english"))
+  chinese, heldout = pipeline.split_corpus(config.chinese_text, str(workdir / "chinese"))
+  toks = pipeline.build_tokenizers(config, str(workdir), english, chinese, heldout)
+  tpc = demo_tokens_per_char(config, workdir, english, chinese, heldout, toks["tokens_per_char"])
+  print("tokens/char of held-out Chinese: " + ", ".join(
+      f"{k} {v:.3f}" for k, v in tpc.items() if k != "sizes") + f"; sizes {tpc['sizes']}",
+      flush=True)
+  stage0 = pipeline.stage_config(config, "stage0", toks["base"], english)
+  start = time.perf_counter()
+  result = trainer.train(stage0, str(workdir / "stage0"))
+  base = pipeline.trained_params(result)
+  history = result["history"]
+  print(f"stage 0 ({stage0.train.steps} steps, {time.perf_counter() - start:.0f} s): "
+        f"{len(history)} steps logged this run", flush=True)
+  rows = []
+  for init in INITS:
+    stage = pipeline.stage_config(config, "stage1", toks["chinese_llama"], chinese, toks["base"])
+    stage.vocab.init = init
+    start = time.perf_counter()
+    before = pipeline.heldout_loss(stage, *pipeline.start_params(stage, base), heldout)
+    out = trainer.train(stage, str(workdir / f"stage1_{init}"), base=base)
+    after = pipeline.heldout_loss(stage, *pipeline.trained_params(out), heldout)
+    rows.append({"init": init, "step0_loss": before, "final_loss": after,
+                 "train_loss_first": out["history"][0]["loss"] if out["history"] else None,
+                 "train_loss_last": out["history"][-1]["loss"] if out["history"] else None,
+                 "seconds": time.perf_counter() - start})
+    print(f"{init}: held-out {before:.3f} -> {after:.3f} ({rows[-1]['seconds']:.0f} s)",
+          flush=True)
+  return {"steps": {"stage0": stage0.train.steps, "stage1": config.stage1.train.steps},
+          "tokens_per_char": tpc, "stage0": history, "rows": rows}
+
+
+def print_rows(rows: list[dict], title: str) -> None:
+  print(f"\n{title}")
+  print(f"{'init':<14}{'step 0':>10}{'after':>10}{'vs normal (step 0 / after)':>30}")
+  ref = rows[0]
+  for r in rows:
+    print(f"{r['init']:<14}{r['step0_loss']:>10.3f}{r['final_loss']:>10.3f}"
+          f"{r['step0_loss'] / ref['step0_loss']:>17.3f} / {r['final_loss'] / ref['final_loss']:.3f}")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True)
+  parser.add_argument("--demo", action="store_true",
+                      help="the demo's tokenizers, stage 0 and stage 1 (configs/demo.py)")
+  parser.add_argument("--demo_variant", default="", help="configs/demo.py variant ('smoke')")
   parser.add_argument("--stage0_steps", type=int, default=300)
   parser.add_argument("--stage1_steps", type=int, default=60)
   parser.add_argument("--base_vocab", type=int, default=800)
@@ -92,18 +175,20 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   workdir = Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if args.demo:
+    result = demo(workdir, args.demo_variant)
+    print_rows(result["rows"], f"held-out Chinese loss (demo held-out documents), the demo's stage "
+               f"1 ({result['steps']['stage1']} steps, embeddings only) on its stage-0 base")
+    with open(workdir / "vocab_init_demo.json", "w", encoding="utf-8") as f:
+      json.dump({"args": vars(args), **result}, f, indent=1)
+    return
   toks = tokenizers(workdir, args.base_vocab, args.chinese_vocab)
   base, history = stage0(workdir, toks, args.stage0_steps)
   print(f"stage 0 (English, {args.stage0_steps} steps): loss {history[0]['loss']:.3f} -> "
         f"{history[-1]['loss']:.3f}; base vocabulary {base[0].vocab_size}, merged "
         f"{tok_lib.vocab_size(toks['merged'])}", flush=True)
   rows = [stage1(workdir, toks, base, init, args.stage1_steps) for init in INITS]
-  print(f"\nheld-out Chinese loss, stage 1 ({args.stage1_steps} steps, embeddings only)")
-  print(f"{'init':<14}{'step 0':>10}{'after':>10}{'vs normal (step 0 / after)':>30}")
-  ref = rows[0]
-  for r in rows:
-    print(f"{r['init']:<14}{r['step0_loss']:>10.3f}{r['final_loss']:>10.3f}"
-          f"{r['step0_loss'] / ref['step0_loss']:>17.3f} / {r['final_loss'] / ref['final_loss']:.3f}")
+  print_rows(rows, f"held-out Chinese loss, stage 1 ({args.stage1_steps} steps, embeddings only)")
   with open(workdir / "vocab_init.json", "w", encoding="utf-8") as f:
     json.dump({"args": vars(args), "stage0": history, "rows": rows}, f, indent=1)
 

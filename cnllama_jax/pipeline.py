@@ -97,12 +97,16 @@ def build_tokenizers(config, workdir: str, english: str, chinese: str, sample: s
   return out
 
 
-def stage_config(config, name: str, tokenizer: str, data_path: str):
-  """The config of stage `name` with the demo's shared fields (seed, model, mesh) filled in."""
+def stage_config(config, name: str, tokenizer: str, data_path: str, base_tokenizer: str = ""):
+  """The config of stage `name` with the demo's shared fields (seed, model, mesh) filled in;
+  `base_tokenizer` (the stage-0 model's own) is what `vocab.init="subword_mean"` splits new
+  pieces with."""
   stage = config[name]
   with stage.unlocked():
     stage.seed = config.seed
     stage.tokenizer = tokenizer
+    if base_tokenizer and name != "stage0":
+      stage.vocab.base_tokenizer = base_tokenizer
     stage.data.path = data_path
     stage.mesh.shape = config.mesh_shape
     stage.model = config.model
@@ -199,7 +203,7 @@ def run(config, workdir: str, verbose: bool = False, out=None) -> dict:
   stages, base = {}, None
   for name in STAGES:
     tokenizer, data_path, heldout = plan[name]
-    stage = stage_config(config, name, tokenizer, data_path)
+    stage = stage_config(config, name, tokenizer, data_path, tokenizers["base"])
     stage_dir = os.path.join(workdir, name)
     os.makedirs(stage_dir, exist_ok=True)
     stage_start = time.perf_counter()

@@ -42,9 +42,10 @@ def get_config(arg: str = ""):
   c.stage1 = run_config.load("pretrain_stage1")
   c.stage1.train.update(learning_rate=5e-3, steps=60, global_batch_size=16, seq_len=128,
                         log_every=10, eval_every=0, warmup_ratio=0.05)
-  # New embedding rows: "normal" (HF's N(0, 0.02^2)) or "mean" of the base rows (and
-  # "subword_mean" once vocab.resize has it, issue 16); the summary reports the held-out Chinese
-  # loss at stage-1 step 0 and after stage 1 for this choice (`--config.stage1.vocab.init=mean`).
+  # New embedding rows: "normal" (HF's N(0, 0.02^2)), "mean" of the base rows, or "subword_mean"
+  # (each the mean of the base rows of the pieces the base tokenizer splits it into); the summary
+  # reports the held-out Chinese loss at stage-1 step 0 and after stage 1 for this choice
+  # (`--config.stage1.vocab.init=subword_mean`; bench/vocab_init.py --demo compares all three).
   c.stage1.vocab.init = "normal"
   c.stage2 = run_config.load("pretrain_stage2")
   c.stage2.train.update(learning_rate=3e-3, steps=120, global_batch_size=16, seq_len=128,
