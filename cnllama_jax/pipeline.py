@@ -32,7 +32,7 @@ import jax
 
 from cnllama_jax import build, evaluate, lora as lora_lib, paths, plan as plan_lib
 from cnllama_jax import tokenizer as tok_lib, tokenizer_stats, trainer, writers
-from cnllama_jax.data import sources
+from cnllama_jax.data import sources, text_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("stage0", "stage1", "stage2", "sft")
@@ -137,7 +137,7 @@ def start_params(stage, base) -> tuple:
 def heldout_loss(stage, cfg, params, text_path: str) -> float:
   """Mean next-token loss (nats) of held-out documents under the stage's tokenizer; `params`
   hold no adapters."""
-  result = evaluate.perplexity(cfg, params, tok_lib.load_processor(stage.tokenizer), text_path,
+  result = evaluate.perplexity(cfg, params, text_tokenizer.load(stage.tokenizer), text_path,
                                block_size=stage.train.seq_len,
                                batch_size=stage.train.global_batch_size)
   return result["nll"]

@@ -17,11 +17,9 @@ def synthetic_examples(num: int, seq_len: int, vocab_size: int, seed: int) -> li
 
 
 def pad_id(tokenizer_path: str) -> int:
-  """The tokenizer's [PAD] piece (the Alpaca tokenizer's last id) or, without one, 0 (<unk>)."""
-  from cnllama_jax.tokenizer import load_processor  # pylint: disable=import-outside-toplevel
-  sp = load_processor(tokenizer_path)
-  pad = sp.piece_to_id("[PAD]")
-  return pad if pad != sp.unk_id() else 0
+  """The tokenizer's pad id (`text_tokenizer.pad_id`: [PAD] / pad_token, else 0)."""
+  from cnllama_jax.data import text_tokenizer  # pylint: disable=import-outside-toplevel
+  return text_tokenizer.pad_id(text_tokenizer.load(tokenizer_path))
 
 
 def datasets(spec: DataSpec, vocab_size: int, workdir: str) -> dict:
@@ -39,8 +37,7 @@ def datasets(spec: DataSpec, vocab_size: int, workdir: str) -> dict:
     raise ValueError(f"data.kind={kind!r} needs config.tokenizer and config.data.path "
                      f"(got tokenizer={spec.tokenizer!r}, data.path={spec.path!r})")
   data_dir = spec.data_dir or os.path.join(workdir, "data")
-  tokenizer = (os.path.join(spec.tokenizer, "tokenizer.model") if os.path.isdir(spec.tokenizer)
-               else spec.tokenizer)
+  tokenizer = spec.tokenizer  # a .model, a tokenizer.json or a directory (text_tokenizer.load)
   if kind == "text":
     return data.build_pretrain_dataset(spec.path, tokenizer, data_dir, block_size=length,
                                        val_fraction=spec.val_fraction, pack=spec.pack)

@@ -282,24 +282,65 @@ def test_tiny_llama3_logits_match_transformers(tmp_path):
   assert np.abs(ours - hf_models.hf_logits(model, ids)).max() <= 1e-4
 
 
+def test_text_and_sft_data_on_a_bpe_tokenizer(built, tmp_path):
+  """The data builders take a byte-level BPE directory: ids are tokenizers' own encode with the
+  base's <|begin_of_text|> / <|end_of_text|> as BOS / EOS, the prompt is masked out of the loss,
+  and the pad id is the merge's pad_token."""
+  import numpy as np
+  from cnllama_jax import data, run_data
+  _, base, zh, _ = built
+  merged = Path(tk.merge(base, zh, tmp_path / "tok", pad_piece="<|pad|>").out_dir)
+  own = Tokenizer.from_file(str(merged / "tokenizer.json"))
+  bos, eos, pad = (own.token_to_id(t) for t in (SPECIALS[0], SPECIALS[1], "<|pad|>"))
+  assert (bos, eos) == (500, 501) and run_data.pad_id(str(merged)) == pad == tk.vocab_size(merged) - 1
+
+  text = data.build_pretrain_dataset(DATA / "tokenizer_zh.txt", merged, tmp_path / "data",
+                                     block_size=32, val_fraction=0.0, progress=False)
+  stream = [i for line in _lines("tokenizer_zh.txt") if line.strip()
+            for i in [bos] + own.encode(line, add_special_tokens=False).ids]
+  blocks = np.stack([text["train"][k]["input_ids"] for k in range(len(text["train"]))])
+  assert blocks.shape == (len(stream) // 32, 32)  # [blocks, block_size]
+  assert blocks.reshape(-1).tolist() == stream[:blocks.size]
+
+  records = [{"instruction": "把这句话翻译成英文。", "input": "下雨了。", "output": "It is raining."},
+             {"instruction": "Name a fruit.", "input": "", "output": "苹果。"}]
+  (tmp_path / "sft.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+  sft = data.build_sft_dataset(tmp_path / "sft.json", merged, tmp_path / "data", max_seq_len=128,
+                               pad_id=pad, val_fraction=0.0, progress=False)
+  for k, r in enumerate(records):
+    prompt = data.build_prompt(r["instruction"], r["input"])
+    source = [bos] + own.encode(prompt, add_special_tokens=False).ids
+    target = own.encode(r["output"], add_special_tokens=False).ids + [eos]
+    n = len(source) + len(target)
+    assert n < 128  # not truncated
+    row = sft["train"][k]
+    assert row["input_ids"].tolist() == source + target + [pad] * (128 - n)
+    assert row["labels"].tolist() == [-100] * len(source) + target + [-100] * (128 - n)
+    assert row["attention_mask"].tolist() == [1] * n + [0] * (128 - n)
+
+
 def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
-  """Stage 1 (embeddings, subword_mean rows) then SFT (LoRA + embeddings) on tiny-llama3, with the
-  merged byte-level BPE tokenizer; synthetic token data (the data builders read SentencePiece).
-  One device keeps the compiles short (the sharded resize is tested in test_vocab.py)."""
+  """Stage 1 (embeddings, subword_mean rows) on Chinese text then SFT (LoRA + embeddings) on the
+  demo's instructions, on tiny-llama3 with the merged byte-level BPE tokenizer: the datasets are
+  built with it. One device keeps the compiles short (the sharded resize is tested in
+  test_vocab.py)."""
   import jax
   import numpy as np
   from cnllama_jax import pipeline, run_config, trainer
   from cnllama_jax import sharding as shd
   _, base, _, result = built
   stages = {"stage1": run_config.load("pretrain_stage1"), "sft": run_config.load("sft")}
+  data_paths = {"stage1": ("text", DATA / "tokenizer_zh.txt", 16),
+                "sft": ("sft", REPO / "data" / "demo" / "zh_instructions.json", 128)}
   previous, first_loss = None, {}
   for name, c in stages.items():
     c.model = run_config.model_fields("tiny-llama3", vocab_size=504)
     c.tokenizer = result.out_dir
     c.vocab.update(init="subword_mean", base_tokenizer=str(base))
-    c.data.kind = "synthetic"
-    c.train.update(steps=2, global_batch_size=4, seq_len=16, log_every=1, learning_rate=1e-2,
-                   warmup_ratio=0.0)
+    kind, path, seq_len = data_paths[name]
+    c.data.update(kind=kind, path=str(path))
+    c.train.update(steps=2, global_batch_size=4, seq_len=seq_len, log_every=1, learning_rate=1e-2,
+                   warmup_ratio=0.0, eval_every=0)
     out = trainer.train(c, str(tmp_path / name), mesh=shd.single_device_mesh(), base=previous)
     run = out["run"]
     assert run.cfg.vocab_size == result.num_pieces and run.cfg.tie_word_embeddings

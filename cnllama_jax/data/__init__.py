@@ -10,12 +10,13 @@
   iter_documents(files), read_instructions(path): the project's readers of text and prompts.
 
 `attention_mask` holds segment ids (0 = padding, 1, 2, ... = the example a token belongs to); an
-unpacked row is the one-segment case. Tokenizers are opened with
-`cnllama_jax.tokenizer.load_processor` (a `.model` file or a directory holding `tokenizer.model`).
+unpacked row is the one-segment case. Tokenizers are opened with `text_tokenizer.load` (a
+SentencePiece `.model`, a byte-level BPE `tokenizer.json`, or a directory holding one).
 
 Modules: `sources` (files, UTF-8 lines, documents, JSON records and their errors), `encode`
 (prompt, SFT label masking, rows, splits), `packing` (which examples share a row, segment ids),
-`staging` (tokenise + validate before writing), `builders` (tfds builders, fingerprints),
+`text_tokenizer` (either tokenizer kind behind one interface), `staging` (tokenise + validate
+before writing), `builders` (tfds builders, fingerprints),
 `datasets` (build-or-reuse), `loader`.
 """
 from cnllama_jax.data.datasets import build_pretrain_dataset, build_sft_dataset, load_built

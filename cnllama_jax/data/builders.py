@@ -48,9 +48,12 @@ class TokenDataConfig(tfds.core.BuilderConfig):
 
 
 def tokenizer_file(path: str | os.PathLike) -> Path:
-  """The SentencePiece model a tokenizer path names: the file, or `<dir>/tokenizer.model`."""
+  """The file a tokenizer path names: the file, or `<dir>/tokenizer.model` (else, for a
+  byte-level BPE, `<dir>/tokenizer.json`)."""
   path = Path(path)
-  return path / "tokenizer.model" if path.is_dir() else path
+  if not path.is_dir():
+    return path
+  return path / "tokenizer.model" if (path / "tokenizer.model").exists() else path / "tokenizer.json"
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -32,8 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnllama_jax import tokenizer as tokenizer_lib
-from cnllama_jax.data import builders, encode, packing, sources, staging
+from cnllama_jax.data import builders, encode, packing, sources, staging, text_tokenizer
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -72,7 +71,7 @@ def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path],
     return out
 
   start = time.time()
-  tokenizer = tokenizer_lib.load_processor(tokenizer_path)
+  tokenizer = text_tokenizer.load(tokenizer_path)
   encode.check_bos_eos(tokenizer, tokenizer_path)
   Path(staging_dir or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(prefix="cnllama-staging-", dir=staging_dir) as tmp:
@@ -106,7 +105,8 @@ def build_pretrain_dataset(files_or_dir: PathLike | Sequence[PathLike], tokenize
 
   Args:
     files_or_dir: text files or directories of them (`sources.list_files`).
-    tokenizer_path: a SentencePiece `.model` or a directory holding `tokenizer.model`.
+    tokenizer_path: a SentencePiece `.model`, a byte-level BPE `tokenizer.json`, or a directory
+      holding one (`text_tokenizer.load`).
     data_dir: where builds live (one subdirectory per fingerprint).
     block_size: tokens per block; the corpus tail shorter than a block is dropped.
     val_fraction: `round(blocks * val_fraction)` blocks chosen by `split_seed`
@@ -153,7 +153,8 @@ def build_sft_dataset(json_path_or_dir: PathLike | Sequence[PathLike], tokenizer
 
   Args:
     json_path_or_dir: instruction files or directories of them.
-    tokenizer_path: a SentencePiece `.model` or a directory holding `tokenizer.model`.
+    tokenizer_path: a SentencePiece `.model`, a byte-level BPE `tokenizer.json`, or a directory
+      holding one (`text_tokenizer.load`).
     data_dir: where builds live (one subdirectory per fingerprint).
     max_seq_len: row length; longer examples are right-truncated (as the paper), so no example
       is ever split across rows.

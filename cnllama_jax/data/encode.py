@@ -1,9 +1,9 @@
 """Token-level encodings of the paper: pre-training documents and Alpaca SFT examples.
 
-Pure functions of a tokenizer and text. The tokenizer is a plain
-`sentencepiece.SentencePieceProcessor` (`encode(str | list[str]) -> ids`, `bos_id()`, `eos_id()`),
-opened with `cnllama_jax.tokenizer.load_processor`; `check_bos_eos` says whether it can encode for
-a LLaMA-style model.
+Pure functions of a tokenizer and text. The tokenizer is a `text_tokenizer.TextTokenizer`
+(`encode(str | list[str]) -> ids`, `bos_id()`, `eos_id()`): a `sentencepiece.SentencePieceProcessor`
+or a byte-level BPE `tokenizer.json`, opened with `text_tokenizer.load`; `check_bos_eos` says
+whether it can encode for a LLaMA-style model.
 
 Pre-training (`run_clm_pt_with_peft.py`): each document (one line) is encoded like the Hugging
 Face LLaMA tokenizer with default settings -- BOS, no EOS -- the documents are concatenated and cut
@@ -22,7 +22,9 @@ Instruction tuning (`run_clm_sft_with_peft.py`):
 then right-padded to `max_seq_len` (input ids with `pad_id`, labels with -100, attention mask 0).
 The paper tokenises the *string* `output + "</s>"` with the HF tokenizer, which splits off the
 special token `</s>` and maps it to the eos id 2; a bare SentencePiece processor would instead
-spell "</s>" out as ordinary pieces. We reproduce the HF result: `sp.encode(output) + [eos_id]`.
+spell "</s>" out as ordinary pieces. We reproduce the HF result: `sp.encode(output) + [eos_id]`
+(a byte-level BPE: the same, with its own BOS / EOS ids, e.g. LLaMA-3's <|begin_of_text|> and
+<|end_of_text|>).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import os
 from typing import Sequence
 
 import numpy as np
-import sentencepiece as spm
+
+from cnllama_jax.data.text_tokenizer import TextTokenizer
 
 IGNORE_INDEX = -100  # a label that takes no loss (prompt tokens, padding, segment starts)
 PROMPT_TEMPLATE = (
@@ -39,11 +42,12 @@ PROMPT_TEMPLATE = (
     "### Instruction:\n{instruction}\n\n### Response: ")
 
 
-def check_bos_eos(tokenizer: spm.SentencePieceProcessor, path: str | os.PathLike) -> None:
+def check_bos_eos(tokenizer: TextTokenizer, path: str | os.PathLike) -> None:
   """Raises a one-line ValueError naming `path` unless the tokenizer defines BOS and EOS."""
   if tokenizer.bos_id() < 0 or tokenizer.eos_id() < 0:
     raise ValueError(f"{path}: tokenizer has no BOS/EOS (bos={tokenizer.bos_id()}, "
-                     f"eos={tokenizer.eos_id()}); LLaMA-style models need both")
+                     f"eos={tokenizer.eos_id()}); LLaMA-style models need both (a tokenizer.json "
+                     "takes them from bos_token / eos_token in the tokenizer_config.json beside it)")
 
 
 def build_prompt(instruction: str, input: str | None = None) -> str:
@@ -110,7 +114,7 @@ def pack_row(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], row_
   return out
 
 
-def encode_sft_example(tokenizer: spm.SentencePieceProcessor, instruction: str, input: str | None,
+def encode_sft_example(tokenizer: TextTokenizer, instruction: str, input: str | None,
                        output: str, max_seq_len: int = 512,
                        pad_id: int = 0) -> dict[str, np.ndarray]:
   """One Alpaca example as the paper encodes it.
@@ -125,9 +129,9 @@ def encode_sft_example(tokenizer: spm.SentencePieceProcessor, instruction: str, 
   return {**pack_row([ids], [labels], max_seq_len, pad_id), "truncated": truncated}
 
 
-def encode_documents(tokenizer: spm.SentencePieceProcessor, texts: Sequence[str],
+def encode_documents(tokenizer: TextTokenizer, texts: Sequence[str],
                      num_threads: int = -1) -> list[list[int]]:
-  """BOS + SentencePiece ids for each document (no EOS), as HF `LlamaTokenizer(text)`."""
+  """BOS + ids for each document (no EOS), as HF `LlamaTokenizer(text)` (LLaMA-3's too)."""
   bos = tokenizer.bos_id()
   return [[bos] + ids for ids in tokenizer.encode(list(texts), num_threads=num_threads)]
 

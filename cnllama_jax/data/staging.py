@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import sentencepiece as spm
 from tqdm.auto import tqdm
 
 from cnllama_jax.data import encode, sources
+from cnllama_jax.data.text_tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _TokenWriter:
     self._file.close()
 
 
-def _token_dtype(tokenizer: spm.SentencePieceProcessor) -> np.dtype:
+def _token_dtype(tokenizer: TextTokenizer) -> np.dtype:
   return np.dtype(np.uint16 if tokenizer.vocab_size() <= 2**16 else np.int32)
 
 
@@ -71,7 +71,7 @@ def _describe(files: Sequence[Path]) -> str:
   return names + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
-def stage_pretrain(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor, staging_dir: Path,
+def stage_pretrain(files: Sequence[Path], tokenizer: TextTokenizer, staging_dir: Path,
                    *, skip_bad_lines: bool = False, batch_size: int = 1024,
                    progress: bool = True) -> tuple[Staged, dict]:
   """Tokenises one document per non-blank line (BOS + ids) into a token stream.
@@ -113,7 +113,7 @@ def stage_pretrain(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor,
   return Staged(writer.path, writer.dtype, writer.n_tokens, tokenizer.bos_id()), stats
 
 
-def stage_sft(files: Sequence[Path], tokenizer: spm.SentencePieceProcessor, staging_dir: Path,
+def stage_sft(files: Sequence[Path], tokenizer: TextTokenizer, staging_dir: Path,
               max_seq_len: int, *, skip_bad_lines: bool = False, batch_size: int = 1024,
               progress: bool = True) -> tuple[Staged, dict]:
   """Tokenises Alpaca examples (BOS + prompt | output + EOS), truncated to `max_seq_len`.
