@@ -235,7 +235,8 @@ def merge(base_path: PathLike, added_path: PathLike, out_dir: PathLike,
   into place, so it is either complete or absent.  A non-empty existing
   ``out_dir`` is refused (FileExistsError).  The base must be BPE (as LLaMA's).
   A byte-level BPE base (a ``tokenizer.json``, LLaMA-3 style) goes to ``bpe.merge``
-  (``added_path`` then a byte-level BPE ``tokenizer.json`` too; scores and pad type unused).
+  (``added_path`` then a byte-level BPE ``tokenizer.json`` or a SentencePiece ``.model`` whose
+  pieces become byte-level tokens; scores and pad type unused).
   """
   if base_kind(base_path) == "bpe":
     from cnllama_jax import bpe  # pylint: disable=import-outside-toplevel  (bpe imports this module)

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--base", required=True,
                      help="base .model (LLaMA) or byte-level BPE tokenizer.json (file or dir)")
   merge.add_argument("--add", required=True,
-                     help=".model (or, for a BPE base, tokenizer.json) whose new pieces are appended")
+                     help=".model or (for a byte-level BPE base) a byte-level BPE tokenizer.json "
+                     "whose new pieces are appended")
   merge.add_argument("--out", required=True, help="new output directory")
   merge.add_argument("--pad_piece", default=None,
                      help='append a pad piece last, e.g. "[PAD]" (Alpaca)')

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
+import sentencepiece as spm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from cnllama_jax import bpe, paths
@@ -141,6 +142,41 @@ def test_merge_does_not_append_duplicates(built, tmp_path):
   assert again.num_added == 0 and again.num_pieces == result.num_pieces
 
 
+def test_sentencepiece_pieces_merge_into_a_bpe_base(built, tmp_path):
+  """A SentencePiece Chinese model (unigram, as the paper's) merged into a byte-level BPE base:
+  each appended piece is reachable (BPE of its bytes gives it back, and the piece's text alone
+  encodes to its one id), base ids and ASCII text are unchanged, Chinese needs fewer tokens."""
+  _, base, _, _ = built
+  zh = tk.train_sentencepiece([DATA / "tokenizer_zh.txt"], tmp_path / "zh.model", vocab_size=500,
+                              character_coverage=1.0, hard_vocab_limit=False, progress=False)
+  result = tk.merge(base, zh, tmp_path / "merged")
+  base_doc = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
+  doc = json.loads((tmp_path / "merged" / "tokenizer.json").read_text(encoding="utf-8"))
+  assert all(doc["model"]["vocab"][t] == i for t, i in base_doc["model"]["vocab"].items())
+  assert doc["model"]["merges"][:len(base_doc["model"]["merges"])] == base_doc["model"]["merges"]
+  merged = Tokenizer.from_str(json.dumps(doc))
+  base_tok = Tokenizer.from_file(str(base / "tokenizer.json"))
+  token_of = {i: t for t, i in doc["model"]["vocab"].items()}
+  appended = [token_of[i] for i in range(504, result.num_pieces)]
+  assert len(appended) == result.num_added > 300
+  sp = spm.SentencePieceProcessor(model_file=str(zh))
+  pieces = {sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.get_piece_size())}
+  whole = [t for t in appended if bpe.token_bytes(t).decode("utf-8", "replace") in pieces]
+  assert len(whole) > 400  # the rest: prefixes of pieces the merges pass through
+  assert all(any(w.startswith(t) for w in whole) for t in set(appended) - set(whole))
+  for token in appended:
+    assert [t.value for t in merged.model.tokenize(token)] == [token]
+  for token in whole:
+    text = bpe.token_bytes(token).decode("utf-8")
+    assert merged.encode(text, add_special_tokens=False).tokens == [token], text
+  for line in _lines("tokenizer_en.txt"):
+    assert merged.encode(line).ids == base_tok.encode(line).ids
+  text = "\n".join(_lines("tokenizer_zh.txt"))
+  n_base, n_merged = (len(t.encode(text, add_special_tokens=False).ids) for t in (base_tok, merged))
+  assert n_merged < 0.6 * n_base
+  assert merged.decode(merged.encode(text).ids) == text
+
+
 def test_merge_with_pad_and_stats(built, tmp_path):
   _, base, zh, result = built
   padded = tk.merge(base, zh, tmp_path / "pad", pad_piece="<|pad|>")
@@ -238,7 +274,8 @@ def test_cli_bpe_train_merge_stats(built, tmp_path):
   r = _cli("merge", "--base", tmp_path / "zh.json", "--add", DATA / "tokenizer_zh.txt",
            "--out", tmp_path / "x")
   assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
-  assert "tokenizer_zh.txt: not a tokenizer.json" in r.stderr
+  assert ("tokenizer_zh.txt: neither a byte-level BPE tokenizer.json nor a SentencePiece model"
+          in r.stderr)
 
 
 # --- a LLaMA-3-shaped base: preset, HF parity, stage 1 -> SFT with the merged BPE tokenizer -------
