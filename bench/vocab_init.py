@@ -6,8 +6,9 @@
 `--demo`: exactly the demo's (configs/demo.py, cnllama_jax/pipeline.py) corpus split, tokenizers,
 stage 0 and stage 1; for each init the held-out Chinese loss (the demo's held-out documents, as its
 summary measures it) at stage-1 step 0 and after the demo's stage 1, and tokens per character of
-held-out Chinese under the SentencePiece merge (the demo's) and a byte-level BPE merge (an English
-byte-level BPE of the demo's base size extended with a Chinese one of the Chinese model's size).
+held-out Chinese under the SentencePiece merge (the demo's) and byte-level BPE merges (an English
+byte-level BPE of the demo's base size extended with a Chinese one of the Chinese model's size, or
+with the Chinese SentencePiece model's pieces).
 A stage 0 already in `<workdir>/stage0` is resumed (not trained again).
 
 Without `--demo`:
@@ -94,7 +95,8 @@ def stage1(workdir: Path, toks: dict, base, init: str, steps: int) -> dict:
 def demo_tokens_per_char(config, workdir: Path, english: str, chinese: str, heldout: str,
                          sentencepiece: dict) -> dict:
   """Tokens per character of the held-out Chinese text: the demo's SentencePiece base and merge,
-  and a byte-level BPE base (English, the demo's base size) and its merge with a Chinese BPE."""
+  and a byte-level BPE base (English, the demo's base size) merged with a Chinese byte-level BPE
+  and, separately, with the demo's Chinese SentencePiece model (its pieces as byte-level tokens)."""
   t = config.tokenizers
   base = bpe.train([english], workdir / "bpe_base.json", vocab_size=t.base_vocab_size,
                    progress=False)
@@ -103,13 +105,18 @@ def demo_tokens_per_char(config, workdir: Path, english: str, chinese: str, held
   merged = workdir / "bpe_merged_tokenizer"
   if not merged.exists():
     tok_lib.merge(base, zh, merged)
+  with_pieces = workdir / "bpe_plus_sentencepiece_tokenizer"
+  if not with_pieces.exists():
+    tok_lib.merge(base, workdir / "chinese_sp.model", with_pieces)
   text = Path(heldout).read_text(encoding="utf-8")
   out = {f"sentencepiece {k}": v for k, v in sentencepiece.items()}
-  for name, path in (("bpe base", base), ("bpe merged", merged)):
+  for name, path in (("bpe base", base), ("bpe merged", merged),
+                     ("bpe + sentencepiece pieces", with_pieces)):
     out[name] = tokenizer_stats.tokenizer_stats(tok_lib.load(path), text, name=name,
                                                 min_seconds=0.0).tokens_per_char
   out["sizes"] = {"sentencepiece merged": tok_lib.vocab_size(workdir / "chinese_llama_tokenizer"),
-                  "bpe base": tok_lib.vocab_size(base), "bpe merged": tok_lib.vocab_size(merged)}
+                  "bpe base": tok_lib.vocab_size(base), "bpe merged": tok_lib.vocab_size(merged),
+                  "bpe + sentencepiece pieces": tok_lib.vocab_size(with_pieces)}
   return out
 
 
@@ -157,8 +164,8 @@ def print_rows(rows: list[dict], title: str) -> None:
   print(f"{'init':<14}{'step 0':>10}{'after':>10}{'vs normal (step 0 / after)':>30}")
   ref = rows[0]
   for r in rows:
-    print(f"{r['init']:<14}{r['step0_loss']:>10.3f}{r['final_loss']:>10.3f}"
-          f"{r['step0_loss'] / ref['step0_loss']:>17.3f} / {r['final_loss'] / ref['final_loss']:.3f}")
+    ratios = f"{r['step0_loss'] / ref['step0_loss']:.3f} / {r['final_loss'] / ref['final_loss']:.3f}"
+    print(f"{r['init']:<14}{r['step0_loss']:>10.3f}{r['final_loss']:>10.3f}{ratios:>30}")
 
 
 def main(argv=None) -> None:

@@ -329,7 +329,8 @@ def test_text_and_sft_data_on_a_bpe_tokenizer(built, tmp_path):
   merged = Path(tk.merge(base, zh, tmp_path / "tok", pad_piece="<|pad|>").out_dir)
   own = Tokenizer.from_file(str(merged / "tokenizer.json"))
   bos, eos, pad = (own.token_to_id(t) for t in (SPECIALS[0], SPECIALS[1], "<|pad|>"))
-  assert (bos, eos) == (500, 501) and run_data.pad_id(str(merged)) == pad == tk.vocab_size(merged) - 1
+  assert (bos, eos) == (500, 501)
+  assert run_data.pad_id(str(merged)) == pad == tk.vocab_size(merged) - 1
 
   text = data.build_pretrain_dataset(DATA / "tokenizer_zh.txt", merged, tmp_path / "data",
                                      block_size=32, val_fraction=0.0, progress=False)
@@ -339,7 +340,8 @@ def test_text_and_sft_data_on_a_bpe_tokenizer(built, tmp_path):
   assert blocks.shape == (len(stream) // 32, 32)  # [blocks, block_size]
   assert blocks.reshape(-1).tolist() == stream[:blocks.size]
 
-  records = [{"instruction": "把这句话翻译成英文。", "input": "下雨了。", "output": "It is raining."},
+  records = [{"instruction": "把这句话翻译成英文。", "input": "下雨了。",
+              "output": "It is raining."},
              {"instruction": "Name a fruit.", "input": "", "output": "苹果。"}]
   (tmp_path / "sft.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
   sft = data.build_sft_dataset(tmp_path / "sft.json", merged, tmp_path / "data", max_seq_len=128,

@@ -53,7 +53,8 @@ def tokenizer_file(path: str | os.PathLike) -> Path:
   path = Path(path)
   if not path.is_dir():
     return path
-  return path / "tokenizer.model" if (path / "tokenizer.model").exists() else path / "tokenizer.json"
+  model = path / "tokenizer.model"
+  return model if model.exists() else path / "tokenizer.json"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
