@@ -6,10 +6,10 @@ added after its vocabulary, as LLaMA-3's (ids 128,000-128,255 after 128,000 BPE 
 Chinese BPE is trained on tests/data/tokenizer_zh.txt.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -251,27 +251,32 @@ def test_bad_bases_are_one_line_errors(built, tmp_path):
                                                          "wordpiece.json"]
 
 
-def _cli(*args):
-  env = dict(os.environ, PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, str(REPO / "launch" / "build_tokenizer.py"),
-                         *map(str, args)], capture_output=True, text=True, env=env)
+def _cli(capsys, *args) -> subprocess.CompletedProcess:
+  """launch/build_tokenizer.py's main in this process (test_tokenizer.py runs it as a script)."""
+  spec = importlib.util.spec_from_file_location("build_tokenizer",
+                                                REPO / "launch" / "build_tokenizer.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  code = module.main([str(a) for a in args])
+  out = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def test_cli_bpe_train_merge_stats(built, tmp_path):
+def test_cli_bpe_train_merge_stats(built, tmp_path, capsys):
   _, base, _, _ = built
-  r = _cli("train", "--model_type", "bpe", "--input", DATA / "tokenizer_zh.txt",
+  r = _cli(capsys, "train", "--model_type", "bpe", "--input", DATA / "tokenizer_zh.txt",
            "--vocab_size", 600, "--out", tmp_path / "zh.json")
   assert r.returncode == 0, r.stderr
-  r = _cli("merge", "--base", base, "--add", tmp_path / "zh.json", "--out", tmp_path / "m")
+  r = _cli(capsys, "merge", "--base", base, "--add", tmp_path / "zh.json", "--out", tmp_path / "m")
   assert r.returncode == 0, r.stderr
   assert "504 base + " in r.stdout
-  r = _cli("stats", "--tokenizer", base, "--tokenizer", tmp_path / "m", "--text",
+  r = _cli(capsys, "stats", "--tokenizer", base, "--tokenizer", tmp_path / "m", "--text",
            DATA / "tokenizer_zh.txt", "--min_seconds", 0)
   assert r.returncode == 0, r.stderr
   rows = [line.split() for line in r.stdout.splitlines()[2:]]
   assert [row[:2] for row in rows] == [["base", "(bpe)"], ["m", "(bpe)"]]
   assert float(rows[1][4]) < float(rows[0][4])  # tokens/char falls
-  r = _cli("merge", "--base", tmp_path / "zh.json", "--add", DATA / "tokenizer_zh.txt",
+  r = _cli(capsys, "merge", "--base", tmp_path / "zh.json", "--add", DATA / "tokenizer_zh.txt",
            "--out", tmp_path / "x")
   assert r.returncode == 1 and r.stderr.strip().count("\n") == 0
   assert ("tokenizer_zh.txt: neither a byte-level BPE tokenizer.json nor a SentencePiece model"
