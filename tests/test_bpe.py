@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from cnllama_jax import bpe, paths
 from cnllama_jax import tokenizer as tk
 from cnllama_jax import tokenizer_stats as tstats
+from cnllama_jax.data import text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -222,6 +223,9 @@ def test_base_on_a_bucket_loads_and_merges_as_locally(built, gcs):
   text = "\n".join(_lines("tokenizer_zh.txt")[:3] + _lines("tokenizer_en.txt")[:3])
   assert tk.base_kind(bucket + "/base") == "bpe" and tk.vocab_size(bucket + "/base") == 504
   assert tk.load(bucket + "/base").encode(text).ids == tk.load(base).encode(text).ids
+  remote_data = text_tokenizer.load(bucket + "/base")  # BOS/EOS from its tokenizer_config.json
+  assert (remote_data.bos_id(), remote_data.eos_id()) == (500, 501)
+  assert remote_data.encode(text) == tk.load(base).encode(text, add_special_tokens=False).ids
   remote = tk.merge(bucket + "/base", zh, bucket + "/merged")
   assert (remote.num_pieces, remote.num_added) == (result.num_pieces, result.num_added)
   for name in ("tokenizer.json", "tokenizer_config.json"):
