@@ -326,3 +326,35 @@ def move(src: PathLike, dst: PathLike) -> None:
     return
   fs, key = _fs(src)
   fs.mv(key, _fs(dst)[1], recursive=True)
+
+
+# --- listing and identifying input files ---------------------------------------------------------
+
+def find_files(url: PathLike) -> list[str]:
+  """Every file below the directory `url` (recursively), as paths or URLs like `url`, sorted.
+
+  On an object store this is one listing (not one request per directory)."""
+  url = os.fspath(url)
+  if is_local(url):
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(url) for name in names)
+  fs, key = _fs(url)
+  scheme = url.split("://", 1)[0]
+  return sorted(f"{scheme}://{found}" for found in fs.find(key))
+
+
+def file_version(url: PathLike) -> tuple[int, str]:
+  """(size in bytes, a string that changes when the file does) without reading it: the mtime in
+  ns locally; an object's content hash (md5 / etag), else its generation or update time."""
+  url = os.fspath(url)
+  if is_local(url):
+    st = os.stat(url)
+    return st.st_size, str(st.st_mtime_ns)
+  fs, key = _fs(url)
+  try:
+    info = fs.info(key)
+  except FileNotFoundError:
+    raise missing(url) from None
+  for field in ("md5Hash", "etag", "ETag", "generation", "updated", "mtime", "LastModified"):
+    if info.get(field):
+      return int(info["size"]), f"{field}={info[field]}"
+  return int(info["size"]), ""

@@ -2,10 +2,9 @@
 once into tfds and read back without tokenising again."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
+from cnllama_jax import paths
 from cnllama_jax.plan import DataSpec
 
 
@@ -25,7 +24,8 @@ def pad_id(tokenizer_path: str) -> int:
 def datasets(spec: DataSpec, vocab_size: int, workdir: str) -> dict:
   """{'train': source, 'validation': source or None, 'stats': ...}; a source has len() and
   [i] -> example of int32 [seq_len] arrays. Text and SFT data are built once into
-  spec.data_dir (default <workdir>/data) and read back without tokenising again."""
+  spec.data_dir (default <workdir>/data) and read back without tokenising again; every path may be
+  a URL (a data_dir in a bucket is built by process 0 and read by all: data/shared_cache.py)."""
   from cnllama_jax import data  # pylint: disable=import-outside-toplevel
   kind, length = spec.kind, spec.seq_len
   if kind == "synthetic":
@@ -36,7 +36,7 @@ def datasets(spec: DataSpec, vocab_size: int, workdir: str) -> dict:
   if not spec.tokenizer or not spec.path:
     raise ValueError(f"data.kind={kind!r} needs config.tokenizer and config.data.path "
                      f"(got tokenizer={spec.tokenizer!r}, data.path={spec.path!r})")
-  data_dir = spec.data_dir or os.path.join(workdir, "data")
+  data_dir = spec.data_dir or paths.join(workdir, "data")
   tokenizer = spec.tokenizer  # a .model, a tokenizer.json or a directory (text_tokenizer.load)
   if kind == "text":
     return data.build_pretrain_dataset(spec.path, tokenizer, data_dir, block_size=length,

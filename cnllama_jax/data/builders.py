@@ -33,7 +33,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
-from cnllama_jax.data import encode, packing
+from cnllama_jax import paths
+from cnllama_jax.data import encode, packing, sources
 from cnllama_jax.data.staging import Staged
 
 FORMAT_VERSION = 1  # bump whenever the encoding of an example changes
@@ -47,31 +48,40 @@ class TokenDataConfig(tfds.core.BuilderConfig):
   pack: bool = False
 
 
-def tokenizer_file(path: str | os.PathLike) -> Path:
-  """The file a tokenizer path names: the file, or `<dir>/tokenizer.model` (else, for a
+def tokenizer_file(path: str | os.PathLike) -> str:
+  """The file a tokenizer path (or URL) names: the file, or `<dir>/tokenizer.model` (else, for a
   byte-level BPE, `<dir>/tokenizer.json`)."""
-  path = Path(path)
-  if not path.is_dir():
-    return path
-  model = path / "tokenizer.model"
-  return model if model.exists() else path / "tokenizer.json"
+  if not paths.isdir(path):
+    return os.fspath(path)
+  model = paths.join(path, "tokenizer.model")
+  return model if paths.exists(model) else paths.join(path, "tokenizer.json")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-  """Hex SHA-256 of a file's bytes."""
+  """Hex SHA-256 of a file's bytes (a local path or a URL)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with sources.open_binary(path) as f:
     while chunk := f.read(1 << 20):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def fingerprint(kind: str, files: Sequence[Path], tokenizer_path: str | os.PathLike, *,
+def file_identity(path: str | os.PathLike) -> list:
+  """[absolute path or URL, size, version]: a local file's mtime in ns, an object's content hash
+  (`paths.file_version`)."""
+  if paths.is_local(path):
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+  return [os.fspath(path), *paths.file_version(path)]
+
+
+def fingerprint(kind: str, files: Sequence[str | os.PathLike],
+                tokenizer_path: str | os.PathLike, *,
                 length: int, **params) -> tuple[str, dict]:
   """Names a build by a hash of everything its bytes depend on.
 
   Sources are identified by resolved path, size and `mtime_ns` (cheap for large corpora; touching
-  a file rebuilds); the tokenizer (a `.model` file or a directory holding `tokenizer.model`) by
+  a file rebuilds), objects in a bucket by URL, size and content hash; the tokenizer (a `.model` file or a directory holding `tokenizer.model`) by
   its content.
 
   Returns:
@@ -80,8 +90,7 @@ def fingerprint(kind: str, files: Sequence[Path], tokenizer_path: str | os.PathL
   inputs = {
       "kind": kind,
       "format_version": FORMAT_VERSION,
-      "files": [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns]
-                for f in files],
+      "files": [file_identity(f) for f in files],
       "tokenizer_sha256": file_sha256(tokenizer_file(tokenizer_path)),
       "length": length,
       **params,

@@ -17,11 +17,13 @@ earlier build.
 Packing (`pack=True`, see `packing`) happens here, once per build, after the train/validation
 split (so both splits hold the same examples packed or not); the rows are stored as they train.
 
-Multi-host: build on one host (or ahead of time) into shared storage, then call the same function
-everywhere; a prepared build is only read.
+Sources and tokenizer may be local paths or URLs (`gs://...`). A `data_dir` in a bucket is built
+once, by process 0, published there and read by every host from a local copy
+(`shared_cache`); a local `data_dir` is built by each host that does not find it prepared.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -32,7 +34,9 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cnllama_jax.data import builders, encode, packing, sources, staging, text_tokenizer
+from cnllama_jax import paths
+from cnllama_jax.data import (builders, encode, packing, shared_cache, sources, staging,
+                              text_tokenizer)
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike
@@ -51,7 +55,7 @@ def _read_back(builder: builders._TokenBuilder) -> dict:
   return {"train": train, "validation": validation, "stats": stats, "path": str(builder.data_dir)}
 
 
-def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path],
+def _build(cls: type[builders._TokenBuilder], kind: str, files: list[sources.FilePath],
            tokenizer_path: PathLike, data_dir: PathLike, *, length: int, pad_id: int, pack: bool,
            val_fraction: float, split_seed: int, skip_bad_lines: bool, stage_fn: StageFn,
            rows_fn: RowsFn, staging_dir: PathLike | None) -> dict:
@@ -61,6 +65,17 @@ def _build(cls: type[builders._TokenBuilder], kind: str, files: list[Path],
   name, inputs = builders.fingerprint(kind, files, tokenizer_path, length=length, pad_id=pad_id,
                                       pack=pack, val_fraction=val_fraction,
                                       split_seed=split_seed, skip_bad_lines=skip_bad_lines)
+  if not paths.is_local(data_dir):  # process 0 builds and publishes; every host reads a copy
+    remote = paths.join(data_dir, cls.name, name, str(cls.VERSION))
+    local_root = shared_cache.mirror_dir(os.fspath(data_dir))
+    build_local = functools.partial(
+        _build, cls, kind, files, tokenizer_path, length=length, pad_id=pad_id, pack=pack,
+        val_fraction=val_fraction, split_seed=split_seed, skip_bad_lines=skip_bad_lines,
+        stage_fn=stage_fn, rows_fn=rows_fn, staging_dir=staging_dir)
+    out = shared_cache.build_once(remote, local_root, os.path.join(local_root, cls.name, name,
+                                                                   str(cls.VERSION)),
+                                  build_local)
+    return {**out, "path": remote}
   builder = builders.make_builder(cls, name, data_dir, length=length, pad_id=pad_id, pack=pack)
   with builders.quiet_tfds():
     prepared = builder.is_prepared()
@@ -191,7 +206,10 @@ def build_sft_dataset(json_path_or_dir: PathLike | Sequence[PathLike], tokenizer
 
 
 def load_built(path: PathLike) -> dict:
-  """Reads a finished build directory (`result["path"]`) without its sources or tokenizer."""
+  """Reads a finished build directory (`result["path"]`) without its sources or tokenizer; one in
+  a bucket is first copied to this host's mirror (`shared_cache`)."""
+  if not paths.is_local(path):
+    path = shared_cache.download(os.fspath(path), shared_cache.mirror_dir(os.fspath(path)))
   with builders.quiet_tfds():
     builder = tfds.builder_from_directory(str(path))
   return _read_back(builder)

@@ -1,4 +1,4 @@
-"""Reading local corpora: the one reader of text lines, text documents and instruction records.
+"""Reading corpora (local paths or URLs such as `gs://bucket/dir`): the one reader of text lines, text documents and instruction records.
 
 Public readers (the rest of the project reads files through these):
   `iter_lines(path)`: (line number, text, raw bytes) of one UTF-8 file.
@@ -23,14 +23,41 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, MutableMapping, Sequence
+from typing import IO, Callable, Iterable, Iterator, MutableMapping, Sequence
+
+from etils import epath
+
+from cnllama_jax import paths
 
 TEXT_SUFFIXES = (".txt",)
 INSTRUCTION_SUFFIXES = (".json", ".jsonl")
 PathLike = str | os.PathLike
+FilePath = Path | epath.Path  # pathlib.Path for a local file, epath.Path for a URL
 
 
-def list_files(files_or_dir: PathLike | Sequence[PathLike], suffixes: Sequence[str]) -> list[Path]:
+def as_path(path: PathLike) -> FilePath:
+  """pathlib.Path of a local path; epath.Path of a URL (`Path("gs://b/k")` would lose the `//`)."""
+  return Path(path) if paths.is_local(path) else epath.Path(path)
+
+
+def open_binary(path: PathLike) -> IO[bytes]:
+  """The file opened for reading bytes (a streamed object for a URL); missing: one-line error."""
+  try:
+    return open(path, "rb") if paths.is_local(path) else epath.Path(path).open("rb")
+  except FileNotFoundError:
+    raise paths.missing(path) from None
+
+
+def _remote_matches(url: str, suffixes: Sequence[str]) -> list[FilePath]:
+  """The files below a directory URL with one of `suffixes`, hidden entries skipped (one listing)."""
+  root = url.rstrip("/") + "/"
+  return [epath.Path(f) for f in paths.find_files(url)
+          if f.endswith(tuple(suffixes)) and f.startswith(root)
+          and not any(part.startswith(".") for part in f[len(root):].split("/"))]
+
+
+def list_files(files_or_dir: PathLike | Sequence[PathLike],
+               suffixes: Sequence[str]) -> list[FilePath]:
   """Expands files and directories into a sorted file list.
 
   Args:
@@ -48,10 +75,20 @@ def list_files(files_or_dir: PathLike | Sequence[PathLike], suffixes: Sequence[s
   items = [files_or_dir] if isinstance(files_or_dir, (str, os.PathLike)) else list(files_or_dir)
   if not items:
     raise FileNotFoundError("no input files given")
-  found: list[Path] = []
+  found: list[FilePath] = []
   for item in items:
-    path = Path(item)
-    if path.is_dir():
+    path = as_path(item)
+    if not paths.is_local(item):
+      if not path.exists():
+        raise paths.missing(item)
+      if path.is_dir():
+        matches = _remote_matches(os.fspath(item), suffixes)
+        if not matches:
+          raise FileNotFoundError(f"{path}: directory has no {'/'.join(suffixes)} files")
+        found.extend(matches)
+      else:
+        found.append(path)
+    elif path.is_dir():
       matches = sorted(
           p for p in path.rglob("*")
           if p.is_file() and p.name.endswith(tuple(suffixes))
@@ -66,7 +103,7 @@ def list_files(files_or_dir: PathLike | Sequence[PathLike], suffixes: Sequence[s
   return found
 
 
-def _utf8_error(path: Path, lineno: int, err: UnicodeDecodeError, raw: bytes) -> ValueError:
+def _utf8_error(path: FilePath, lineno: int, err: UnicodeDecodeError, raw: bytes) -> ValueError:
   column = len(raw[:err.start].decode("utf-8", errors="replace")) + 1
   return ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column "
                     f"{column}); fix the file or pass skip_bad_lines=True")
@@ -88,8 +125,8 @@ def iter_lines(path: PathLike, *, skip_bad_lines: bool = False,
     ValueError: a line is not UTF-8 (naming file, line and column), unless `skip_bad_lines`, which
       skips it and counts it in `stats["skipped_bad_lines"]`.
   """
-  path = Path(path)
-  with open(path, "rb") as f:
+  path = as_path(path)
+  with open_binary(path) as f:
     for lineno, raw in enumerate(f, start=1):
       try:
         text = raw.decode("utf-8")
@@ -163,8 +200,8 @@ def check_record(obj: object, path: PathLike, index: int, lineno: int | None = N
   return record
 
 
-def _first_byte(path: Path) -> bytes:
-  with open(path, "rb") as f:
+def _first_byte(path: FilePath) -> bytes:
+  with open_binary(path) as f:
     while chunk := f.read(4096):
       stripped = chunk.lstrip(b" \t\r\n")
       if stripped.startswith(b"\xef\xbb\xbf"):
@@ -174,8 +211,8 @@ def _first_byte(path: Path) -> bytes:
   return b""
 
 
-def _iter_json_array(path: Path, require_output: bool) -> Iterator[tuple[int, dict, int]]:
-  raw = path.read_bytes()
+def _iter_json_array(path: FilePath, require_output: bool) -> Iterator[tuple[int, dict, int]]:
+  raw = paths.read_bytes(path)
   try:
     text = raw.decode("utf-8-sig")
   except UnicodeDecodeError as err:
@@ -196,7 +233,7 @@ def _iter_json_array(path: Path, require_output: bool) -> Iterator[tuple[int, di
     yield index, check_record(obj, path, index, require_output=require_output), size
 
 
-def _iter_jsonl(path: Path, skip_bad_lines: bool, stats: MutableMapping[str, int],
+def _iter_jsonl(path: FilePath, skip_bad_lines: bool, stats: MutableMapping[str, int],
                 require_output: bool) -> Iterator[tuple[int, dict, int]]:
   index = 0
   for lineno, line, n_bytes in iter_lines(path, skip_bad_lines=skip_bad_lines, stats=stats):
@@ -223,7 +260,7 @@ def iter_instruction_records(path: PathLike, *, skip_bad_lines: bool = False,
   as JSON Lines (one object per line, blank lines ignored). `example_index` counts from 0 within
   the file; `record` is `check_record`'s.
   """
-  path = Path(path)
+  path = as_path(path)
   stats = {} if stats is None else stats
   if _first_byte(path) == b"[":
     yield from _iter_json_array(path, require_output)
@@ -237,11 +274,11 @@ def read_instructions(path: PathLike) -> list[dict[str, str]]:
   A `.txt` file holds one instruction per non-blank line; anything else is an Alpaca `.json`
   list or `.jsonl` file (as `iter_instruction_records`). Errors name file and line or example.
   """
-  if Path(path).suffix == ".txt":
+  if os.path.splitext(os.fspath(path))[1] == ".txt":
     return [{"instruction": text, "input": "", "output": ""} for text in iter_documents([path])]
   return [record for _, record, _ in iter_instruction_records(path, require_output=False)]
 
 
-def total_bytes(files: Iterable[Path]) -> int:
+def total_bytes(files: Iterable[PathLike]) -> int:
   """Sum of file sizes in bytes (for a progress bar)."""
-  return sum(Path(f).stat().st_size for f in files)
+  return sum(paths.size(f) for f in files)
