@@ -76,12 +76,12 @@ def file_identity(path: str | os.PathLike) -> list:
 
 
 def fingerprint(kind: str, files: Sequence[str | os.PathLike],
-                tokenizer_path: str | os.PathLike, *,
-                length: int, **params) -> tuple[str, dict]:
+                tokenizer_path: str | os.PathLike, *, length: int, **params) -> tuple[str, dict]:
   """Names a build by a hash of everything its bytes depend on.
 
   Sources are identified by resolved path, size and `mtime_ns` (cheap for large corpora; touching
-  a file rebuilds), objects in a bucket by URL, size and content hash; the tokenizer (a `.model` file or a directory holding `tokenizer.model`) by
+  a file rebuilds), objects in a bucket by URL, size and content hash; the tokenizer (a `.model`
+  file or a directory holding `tokenizer.model`) by
   its content.
 
   Returns:

@@ -1,4 +1,5 @@
-"""Reading corpora (local paths or URLs such as `gs://bucket/dir`): the one reader of text lines, text documents and instruction records.
+"""Reading corpora (local paths or URLs such as `gs://bucket/dir`): the one reader of text lines,
+text documents and instruction records.
 
 Public readers (the rest of the project reads files through these):
   `iter_lines(path)`: (line number, text, raw bytes) of one UTF-8 file.
@@ -49,7 +50,8 @@ def open_binary(path: PathLike) -> IO[bytes]:
 
 
 def _remote_matches(url: str, suffixes: Sequence[str]) -> list[FilePath]:
-  """The files below a directory URL with one of `suffixes`, hidden entries skipped (one listing)."""
+  """The files below a directory URL with one of `suffixes`, hidden entries skipped (one
+  listing)."""
   root = url.rstrip("/") + "/"
   return [epath.Path(f) for f in paths.find_files(url)
           if f.endswith(tuple(suffixes)) and f.startswith(root)
