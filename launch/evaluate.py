@@ -6,8 +6,9 @@
       [--subjects logic,law] [--option_rule context|paper|logits]
 
 The tokenizer defaults to DIR/tokenizer.model. ceval writes summary.json, submission.json (C-Eval's
-format) and predictions.jsonl to --out. See cnllama_jax/evaluate.py for the windows, the prompt and
-the scoring.
+format) and predictions.jsonl to --out (published whole: a temp dir renamed into place, or under an
+_INCOMPLETE marker in a bucket). Every path may be a gs:// URL. See cnllama_jax/evaluate.py for the
+windows and cnllama_jax/ceval.py for the prompt and the scoring.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from cnllama_jax import cli  # noqa: E402
+from cnllama_jax import ceval, cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
-from cnllama_jax import inference  # noqa: E402
+from cnllama_jax import inference, paths  # noqa: E402
 from cnllama_jax.tokenizer import load_processor  # noqa: E402
 
 
@@ -46,18 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
   ppl.add_argument("--text", required=True, help="UTF-8 text, one document per line")
   ppl.add_argument("--block_size", type=int, default=512, help="non-overlapping window length")
 
-  ceval = sub.add_parser("ceval", parents=[common], help="C-Eval multiple choice")
-  ceval.add_argument("--data", required=True, help="C-Eval directory with dev/, val/, test/")
-  ceval.add_argument("--shots", type=int, default=5, help="dev questions in the prompt (0 or 5)")
-  ceval.add_argument("--split", choices=["val", "test"], default="val")
-  ceval.add_argument("--out", required=True, help="output directory")
-  ceval.add_argument("--subjects", default=None, help="comma-separated subset (default: all found)")
-  ceval.add_argument("--max_length", type=int, default=None,
+  cev = sub.add_parser("ceval", parents=[common], help="C-Eval multiple choice")
+  cev.add_argument("--data", required=True, help="C-Eval directory with dev/, val/, test/")
+  cev.add_argument("--shots", type=int, default=5, help="dev questions in the prompt (0 or 5)")
+  cev.add_argument("--split", choices=["val", "test"], default="val")
+  cev.add_argument("--out", required=True, help="output directory (local or gs://), published "
+                   "whole when scoring is done")
+  cev.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  cev.add_argument("--subjects", default=None, help="comma-separated subset (default: all found)")
+  cev.add_argument("--max_length", type=int, default=None,
                      help="prompt token limit (default: the model's max_position_embeddings)")
-  ceval.add_argument("--option_rule", choices=ev.OPTION_RULES, default="context")
-  ceval.add_argument("--header_subject", choices=["zh", "key"], default="zh",
+  cev.add_argument("--option_rule", choices=ceval.OPTION_RULES, default="context")
+  cev.add_argument("--header_subject", choices=["zh", "key"], default="zh",
                      help="subject in the header: Chinese name, or the English key as the scripts")
-  ceval.add_argument("--zero_shot_header", action="store_true",
+  cev.add_argument("--zero_shot_header", action="store_true",
                      help="also put the header in front of zero-shot prompts")
   return parser
 
@@ -68,7 +71,7 @@ def _tokenizer(args):
 
 def _load_model(args, tokenizer):
   """(cfg, params, mesh) on the --mesh_shape mesh."""
-  if not (Path(args.model) / "config.json").is_file():
+  if not paths.isfile(paths.join(args.model, "config.json")):
     raise FileNotFoundError(f"{args.model}: not a Hugging Face model directory (no config.json)")
   try:
     sizes = inference.parse_mesh_shape(args.mesh)
@@ -100,32 +103,36 @@ def _print_ceval(summary: dict) -> None:
 def run(args: argparse.Namespace) -> None:
   if args.batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
-  if not Path(args.model).is_dir():
+  if not paths.isdir(args.model):
     raise FileNotFoundError(f"{args.model}: model directory not found")
   if args.command == "perplexity":
-    if not Path(args.text).is_file():
+    if not paths.isfile(args.text):
       raise FileNotFoundError(f"{args.text}: text file not found")
     tokenizer = _tokenizer(args)
     cfg, params, _ = _load_model(args, tokenizer)
     print(json.dumps(ev.perplexity(cfg, params, tokenizer, args.text, block_size=args.block_size,
                                    batch_size=args.batch_size)))
     return
+  if not args.overwrite and paths.exists(args.out) and (
+      not paths.isdir(args.out) or paths.listdir(args.out)):  # checked before scoring
+    raise FileExistsError(f"{args.out}: already exists and is not empty; choose a new --out or "
+                          "pass --overwrite")
   subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
-  data = ev.load_ceval(args.data, args.split, args.shots, subjects)  # all files checked first
+  data = ceval.load_ceval(args.data, args.split, args.shots, subjects)  # all files checked first
   tokenizer = _tokenizer(args)
   cfg, params, mesh = _load_model(args, tokenizer)
-  scorer = ev.model_scorer(cfg, params, mesh=None if mesh.size == 1 else mesh)
-  result = ev.evaluate_ceval(
+  scorer = ceval.model_scorer(cfg, params, mesh=None if mesh.size == 1 else mesh)
+  result = ceval.evaluate_ceval(
       scorer, tokenizer, data, split=args.split, shots=args.shots,
       max_length=args.max_length or cfg.max_position_embeddings, batch_size=args.batch_size,
       option_rule=args.option_rule, header_subject=args.header_subject,
       zero_shot_header=args.zero_shot_header)
   if jax.process_index() != 0:  # every process scored; one writes
     return
-  paths = ev.write_ceval(args.out, result)
+  written = ceval.write_ceval(args.out, result, overwrite=args.overwrite)
   _print_ceval(result.summary)
   print(f"prompts: {result.summary['prompts']}")
-  print("wrote " + ", ".join(str(p) for p in paths.values()))
+  print("wrote " + ", ".join(str(p) for p in written.values()))
 
 
 def main(argv: list[str] | None = None) -> int:

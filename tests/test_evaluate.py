@@ -19,6 +19,7 @@ import pytest
 import sentencepiece as spm
 
 import cnllama_jax
+from cnllama_jax import ceval
 from cnllama_jax import evaluate as ev
 from tests import hf_models
 
@@ -111,48 +112,48 @@ def test_perplexity_equals_transformers_mean_nll(sp, tiny, tmp_path):
 # ----------------------------------------------------------------------------- C-Eval data
 
 def test_subject_table_is_c_evals_52_subjects_in_four_categories():
-  cats = [category for _, category in ev.SUBJECTS.values()]
-  assert len(ev.SUBJECTS) == 52
-  assert {c: cats.count(c) for c in ev.CATEGORIES} == {
+  cats = [category for _, category in ceval.SUBJECTS.values()]
+  assert len(ceval.SUBJECTS) == 52
+  assert {c: cats.count(c) for c in ceval.CATEGORIES} == {
       "STEM": 20, "Social Science": 10, "Humanities": 11, "Other": 11}
-  assert ev.SUBJECTS["logic"] == ("逻辑学", "Humanities")
-  assert ev.SUBJECTS["clinical_medicine"] == ("临床医学", "Other")
+  assert ceval.SUBJECTS["logic"] == ("逻辑学", "Humanities")
+  assert ceval.SUBJECTS["clinical_medicine"] == ("临床医学", "Other")
 
 
 def test_csv_fields_with_commas_quotes_and_newlines_are_read_whole():
-  q = ev.read_questions(CEVAL / "val" / "logic_val.csv", "val")[3]
+  q = ceval.read_questions(CEVAL / "val" / "logic_val.csv", "val")[3]
   assert q.question == "阅读下面的说法，选出正确的一项：\n“且”与“或”, 有何区别？"
   assert q.options[0] == "“且”要求两者都真" and q.answer == "A" and q.id == "3"
-  assert [t.answer for t in ev.read_questions(CEVAL / "test" / "logic_test.csv", "test")] == [
+  assert [t.answer for t in ceval.read_questions(CEVAL / "test" / "logic_test.csv", "test")] == [
       None, None]
 
 
 def test_prompt_is_the_papers_template():
-  data = ev.load_ceval(CEVAL, "val", shots=5, subjects=["high_school_physics"])
+  data = ceval.load_ceval(CEVAL, "val", shots=5, subjects=["high_school_physics"])
   dev, val = data["high_school_physics"]
-  assert ev.build_prompt("high_school_physics", dev[:2], val[1]) == (
+  assert ceval.build_prompt("high_school_physics", dev[:2], val[1]) == (
       "以下是中国关于高中物理考试的单项选择题，请选出其中的正确答案。\n\n"
       "在国际单位制中，力的单位是\nA. 焦耳\nB. 牛顿\nC. 瓦特\nD. 帕斯卡\n答案：B\n\n"
       "物体做自由落体运动时，下列说法正确的是\nA. 速度保持不变\nB. 加速度逐渐增大\n"
       "C. 加速度保持不变\nD. 位移与时间成正比\n答案：C\n\n"
       "关于惯性，下列说法正确的是\nA. 速度越大惯性越大\nB. 质量越大惯性越大\n"
       "C. 静止的物体没有惯性\nD. 失重时物体没有惯性\n答案：")
-  assert ev.build_prompt("high_school_physics", [], val[0], header=False) == (
+  assert ceval.build_prompt("high_school_physics", [], val[0], header=False) == (
       "电阻为5 Ω的导体两端电压为10 V，通过它的电流为\nA. 0.5 A\nB. 2 A\nC. 5 A\nD. 50 A\n答案：")
-  assert ev.build_prompt("logic", [], val[0], header_subject="key").startswith("以下是中国关于logic考试")
+  assert ceval.build_prompt("logic", [], val[0], header_subject="key").startswith("以下是中国关于logic考试")
 
 
 def test_long_prompt_drops_last_shots_first_then_cuts_from_the_left(sp):
   dev, val = _rows("dev", "logic"), _rows("val", "logic")
   full = [sp.encode(paper_prompt("逻辑学", dev[:k], val[0])) for k in range(6)]  # k shots
   assert all(len(full[k]) < len(full[k + 1]) for k in range(5))
-  data = ev.load_ceval(CEVAL, "val", shots=5, subjects=["logic"])
+  data = ceval.load_ceval(CEVAL, "val", shots=5, subjects=["logic"])
   shots, query = data["logic"][0], data["logic"][1][0]
-  ids, kept, cut, _ = ev.encode_prompt(sp, "logic", shots, query, max_length=len(full[2]) + 1)
+  ids, kept, cut, _ = ceval.encode_prompt(sp, "logic", shots, query, max_length=len(full[2]) + 1)
   assert (kept, cut, ids) == (2, 0, [sp.bos_id()] + full[2])
-  ids, kept, cut, _ = ev.encode_prompt(sp, "logic", shots, query, max_length=len(full[0]) - 4)
+  ids, kept, cut, _ = ceval.encode_prompt(sp, "logic", shots, query, max_length=len(full[0]) - 4)
   assert (kept, cut, ids) == (0, 5, [sp.bos_id()] + full[0][5:])
-  ids, kept, cut, _ = ev.encode_prompt(sp, "logic", shots, query, max_length=4096)
+  ids, kept, cut, _ = ceval.encode_prompt(sp, "logic", shots, query, max_length=4096)
   assert (kept, cut, ids) == (5, 0, [sp.bos_id()] + full[5])
 
 
@@ -160,9 +161,9 @@ def test_long_prompt_drops_last_shots_first_then_cuts_from_the_left(sp):
 def test_llama_tokenizer_letter_after_colon_is_A_not_space_A():
   llama = spm.SentencePieceProcessor(model_file=str(LLAMA))
   prompt = "1+1=\nA. 1\nB. 2\nC. 3\nD. 4\n答案："
-  assert ev.option_token_ids(llama, prompt, "context").tolist() == [
+  assert ceval.option_token_ids(llama, prompt, "context").tolist() == [
       [29909], [29933], [29907], [29928]]  # "A" "B" "C" "D"
-  assert ev.option_token_ids(llama, prompt, "paper").tolist() == [
+  assert ceval.option_token_ids(llama, prompt, "paper").tolist() == [
       [319, 29909], [350, 29933], [315, 29907], [360, 29928]]  # ("▁A", "A") ...
 
 
@@ -203,8 +204,8 @@ def fake_scorer(sp, data, plan):
 
 
 def test_accuracy_and_categories_follow_a_controlled_model(sp, tmp_path):
-  data = ev.load_ceval(CEVAL, "val", shots=5)
-  result = ev.evaluate_ceval(fake_scorer(sp, data, VAL_PLAN), sp, data, shots=5, batch_size=4)
+  data = ceval.load_ceval(CEVAL, "val", shots=5)
+  result = ceval.evaluate_ceval(fake_scorer(sp, data, VAL_PLAN), sp, data, shots=5, batch_size=4)
   s = result.summary
   assert {n: (v["correct"], v["num"]) for n, v in s["subjects"].items()} == {
       "computer_network": (2, 3), "high_school_physics": (2, 2), "logic": (1, 4)}
@@ -221,14 +222,14 @@ def test_accuracy_and_categories_follow_a_controlled_model(sp, tmp_path):
   assert avg["accuracy_by_question"] == pytest.approx(5 / 9)
   assert s["prompts"] == {"num": 9, "fewer_shots": 0, "cut": 0}
   assert all(r["shots"] == 5 for r in result.records)
-  paths = ev.write_ceval(tmp_path, result)
+  paths = ceval.write_ceval(tmp_path, result)
   assert json.loads(paths["summary.json"].read_text(encoding="utf-8"))["average"]["correct"] == 5
 
 
 def test_test_split_gives_c_evals_submission_format(sp, tmp_path):
-  data = ev.load_ceval(CEVAL, "test", shots=0)
-  result = ev.evaluate_ceval(fake_scorer(sp, data, TEST_PLAN), sp, data, split="test", shots=0)
-  ev.write_ceval(tmp_path, result)
+  data = ceval.load_ceval(CEVAL, "test", shots=0)
+  result = ceval.evaluate_ceval(fake_scorer(sp, data, TEST_PLAN), sp, data, split="test", shots=0)
+  ceval.write_ceval(tmp_path, result)
   assert json.loads((tmp_path / "submission.json").read_text(encoding="utf-8")) == {
       "computer_network": {"0": "C", "1": "D"}, "high_school_physics": {"0": "B", "1": "A"},
       "logic": {"0": "A", "1": "B"}}
@@ -240,8 +241,8 @@ def test_test_split_gives_c_evals_submission_format(sp, tmp_path):
 @pytest.mark.parametrize("rule", ["context", "logits"])
 def test_predictions_and_scores_equal_transformers(sp, tiny, rule):
   model, _, cfg, params = tiny
-  data = ev.load_ceval(CEVAL, "val", shots=5)
-  result = ev.evaluate_ceval(ev.model_scorer(cfg, params), sp, data, shots=5, max_length=1024,
+  data = ceval.load_ceval(CEVAL, "val", shots=5)
+  result = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, shots=5, max_length=1024,
                              batch_size=4, option_rule=rule)
   got = {(r["subject"], r["id"]): r for r in result.records}
   assert len({r["prediction"] for r in result.records}) >= 3  # the letters vary with the question
@@ -270,8 +271,8 @@ def test_paper_rule_scores_with_the_papers_repetition_penalty(sp, tiny):
   import torch
   from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
   model, _, cfg, params = tiny
-  data = ev.load_ceval(CEVAL, "val", shots=0)
-  result = ev.evaluate_ceval(ev.model_scorer(cfg, params), sp, data, shots=0, max_length=1024,
+  data = ceval.load_ceval(CEVAL, "val", shots=0)
+  result = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, shots=0, max_length=1024,
                              batch_size=4, option_rule="paper")
   got = {(r["subject"], r["id"]): r for r in result.records}
   penalty = RepetitionPenaltyLogitsProcessor(penalty=1.1)
@@ -308,8 +309,8 @@ def test_cli_ceval_on_a_mesh_matches_the_api(cli, sp, tiny, tmp_path, capsys):
   rc = cli(["ceval", "--model", path, "--data", str(CEVAL), "--shots", "5", "--split", "val",
             "--out", str(tmp_path), "--subjects", "logic,computer_network", "--batch_size", "4"])
   assert rc == 0, capsys.readouterr().err
-  data = ev.load_ceval(CEVAL, "val", 5, ["logic", "computer_network"])
-  api = ev.evaluate_ceval(ev.model_scorer(cfg, params), sp, data, max_length=1024, batch_size=4)
+  data = ceval.load_ceval(CEVAL, "val", 5, ["logic", "computer_network"])
+  api = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, max_length=1024, batch_size=4)
   assert json.loads((tmp_path / "submission.json").read_text(encoding="utf-8")) == api.submission
   summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
   assert list(summary["subjects"]) == ["computer_network", "logic"]
@@ -379,12 +380,12 @@ def test_ceval_on_a_2x2x2_sharded_model_equals_unsharded_predictions(sp, tiny, t
                                                                       capsys):
   from cnllama_jax import inference, sharding as shd
   _, path, cfg, params = tiny
-  data = ev.load_ceval(CEVAL, "val", 5)
-  one = ev.evaluate_ceval(ev.model_scorer(cfg, params), sp, data, max_length=1024, batch_size=4)
+  data = ceval.load_ceval(CEVAL, "val", 5)
+  one = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, max_length=1024, batch_size=4)
   mesh = shd.make_mesh((2, 2, 2))
   cfg_m, _, params_m = inference.load_model(path, mesh=mesh)
-  scorer = ev.model_scorer(cfg_m, params_m, mesh=mesh)
-  sharded = ev.evaluate_ceval(scorer, sp, data, max_length=1024, batch_size=4)
+  scorer = ceval.model_scorer(cfg_m, params_m, mesh=mesh)
+  sharded = ceval.evaluate_ceval(scorer, sp, data, max_length=1024, batch_size=4)
   assert sharded.submission == one.submission
   np.testing.assert_allclose([r["scores"] for r in sharded.records],
                              [r["scores"] for r in one.records], atol=1e-4)
