@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -37,7 +38,7 @@ import jax  # noqa: E402
 
 from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import generate as gen  # noqa: E402
-from cnllama_jax import inference  # noqa: E402
+from cnllama_jax import inference, paths  # noqa: E402
 from cnllama_jax.data import sources  # noqa: E402
 from cnllama_jax.data.encode import build_prompt  # noqa: E402
 from cnllama_jax.tokenizer import load_processor  # noqa: E402
@@ -47,9 +48,9 @@ _LORA = flags.DEFINE_list("lora", [], "PEFT LoRA directories applied to --model 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: tokenizer.model "
                                  "of the last --lora that has one, else of --model).")
 _INPUT = flags.DEFINE_string("input", None, "Instructions: .txt (one per line), .json (Alpaca "
-                             "list) or .jsonl (objects with instruction[, input]).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSONL output for --input (default: INPUT stem + "
-                              ".generated.jsonl).")
+                             "list) or .jsonl (objects with instruction[, input]); local or gs://.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL output for --input, local or gs:// (default: "
+                              "INPUT stem + .generated.jsonl).")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "Chat in the terminal.")
 _SINGLE_TURN = flags.DEFINE_bool("single_turn", False, "Chat without history (as inference_hf.py).")
 _TEMPLATE = flags.DEFINE_enum("template", "alpaca", ["alpaca", "none"], "Prompt template.")
@@ -104,8 +105,8 @@ def tokenizer_path(opts: Options) -> str:
   if opts.tokenizer:
     return opts.tokenizer
   for directory in [*reversed(opts.loras), opts.model]:
-    if os.path.isfile(os.path.join(directory, "tokenizer.model")):
-      return os.path.join(directory, "tokenizer.model")
+    if paths.isfile(paths.join(directory, "tokenizer.model")):
+      return paths.join(directory, "tokenizer.model")
   raise FileNotFoundError(f"no tokenizer.model in {[*opts.loras, opts.model]}; pass --tokenizer")
 
 
@@ -156,14 +157,38 @@ def template(opts: Options, instruction: str, input: str = "") -> str:
 
 
 def run_batch(generator: Generator, input_path: str, output: str | None) -> None:
-  """Generates for every instruction of input_path; every process computes, process 0 writes
-  (to a temporary file renamed into place when complete)."""
+  """Generates for every instruction of input_path (a local path or URL); every process computes,
+  process 0 writes: into a local temporary file, then renamed onto a local `output` or uploaded
+  as one object to a URL when complete, so a crash never leaves a complete-looking output."""
   opts = generator.opts
   records = sources.read_instructions(input_path)  # the project's one instruction reader
   output = output or os.path.splitext(input_path)[0] + ".generated.jsonl"
   writer = jax.process_index() == 0
-  partial = output + ".partial"
-  with open(partial if writer else os.devnull, "w", encoding="utf-8") as f:
+  local = paths.is_local(output)
+  partial = os.devnull
+  if writer and local:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    partial = output + ".partial"
+  elif writer:
+    fd, partial = tempfile.mkstemp(prefix="generated-", suffix=".jsonl.partial")
+    os.close(fd)
+  try:
+    _generate_into(generator, records, partial, writer)
+    if writer and local:
+      os.replace(partial, output)
+    elif writer:
+      with open(partial, "rb") as f:
+        paths.write_bytes(output, f.read())  # one object upload: visible only once complete
+  finally:
+    if writer and not local:
+      os.remove(partial)
+  log(f"wrote {len(records)} outputs to {output}")
+
+
+def _generate_into(generator: Generator, records: list[dict], partial: str, writer: bool) -> None:
+  """Generates the records' outputs batch by batch, appending JSON lines to `partial`."""
+  opts = generator.opts
+  with open(partial, "w", encoding="utf-8") as f:
     for start in range(0, len(records), opts.batch_size):
       batch = records[start:start + opts.batch_size]
       t0 = time.perf_counter()
@@ -176,9 +201,6 @@ def run_batch(generator: Generator, input_path: str, output: str | None) -> None
           print(f"======= {start + i} =======\nInput: {record['instruction']}\nOutput: {text}\n")
       f.flush()
       log(f"[{start + len(batch)}/{len(records)}] {time.perf_counter() - t0:.1f} s")
-  if writer:
-    os.replace(partial, output)
-  log(f"wrote {len(records)} outputs to {output}")
 
 
 class Stream:
