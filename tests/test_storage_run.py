@@ -32,10 +32,11 @@ def _english(n: int) -> list[str]:
 def _inputs(root: str) -> dict:
   """The same corpora under `root` (a local dir or a gs:// URL): a text dir (two files, one in a
   subdirectory, one hidden file that is skipped), Alpaca JSON + JSONL, instructions to answer."""
-  lines = _english(60)
-  records = [{"instruction": lines[i], "input": "" if i % 2 else lines[i + 1],
-              "output": lines[i + 2]} for i in range(24)]
-  files = {"text/a.txt": "\n".join(lines[:30]) + "\n", "text/sub/b.txt": "\n".join(lines[30:]),
+  lines = _english(120)
+  words = [line.split() for line in lines]  # short examples: the template alone is ~100 tokens
+  records = [{"instruction": " ".join(words[i][:3]), "input": " ".join(words[i + 1][:2]) * (i % 2),
+              "output": " ".join(words[i + 2][:4])} for i in range(24)]
+  files = {"text/a.txt": "\n".join(lines[:60]) + "\n", "text/sub/b.txt": "\n".join(lines[60:]),
            "text/.hidden/c.txt": "not read\n",
            "sft/alpaca.json": json.dumps(records[:12], ensure_ascii=False),
            "sft/more.jsonl": "".join(json.dumps(r) + "\n" for r in records[12:]),
@@ -129,3 +130,83 @@ def test_other_processes_read_what_process_0_published_and_stop_if_it_failed(gcs
     shared_cache.build_once(remote, str(tmp_path / "h3"), str(tmp_path / "h3" / "x"), failing,
                             writer=True, agree=lambda mine: mine)
   assert host("h4", writer=True) and shared_cache.is_published(remote)
+
+
+# --- a whole run on gs:// ------------------------------------------------------------------------
+
+def _launch_generate():
+  """launch/generate.py as a module (under the name tests/test_serve.py uses: absl flags may be
+  defined only once per process)."""
+  import importlib.util
+  import sys
+  if "launch_generate" not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        "launch_generate", os.path.join(os.path.dirname(DATA), "..", "launch", "generate.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["launch_generate"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+  return sys.modules["launch_generate"]
+
+
+def _three_stages(root: str, base: str, tokenizer: str, inputs: dict) -> dict:
+  """Stage 1 (embeddings, from `base`) -> stage 2 (LoRA + embeddings) -> SFT, each on the previous
+  one's merged HF export as its base_model, then the SFT workdir exported by launch/convert.py and
+  greedy answers to the prompts by launch/generate.py --input --output; every path under `root`
+  (local or gs://). Returns {stage: [loss per step]} and the answers."""
+  import jax
+  from jax.sharding import Mesh
+  from cnllama_jax import export, pipeline, run_config, trainer
+  from launch import convert
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  losses = {}
+  for stage, (trainable, kind, rank, length) in {"stage1": ("embeddings", "text", 0, 192),
+                                                 "stage2": ("lora+embeddings", "text", 4, 192),
+                                                 "sft": ("lora+embeddings", "sft", 4, 192)}.items():
+    config = run_config.default()
+    config.base_model, config.tokenizer = base, tokenizer
+    config.train.update(dict(trainable=trainable, global_batch_size=8, seq_len=length, steps=2,
+                             log_every=1, learning_rate=1e-2, warmup_ratio=0.0))
+    config.lora.update(dict(rank=rank, alpha=8.0, dropout=0.0))
+    config.data.update(dict(kind=kind, path=inputs[kind if kind == "sft" else "text"],
+                            val_fraction=0.0))
+    config.vocab.strict = stage != "stage1"  # stage 1 resizes the base's 99 rows to 131
+    workdir = paths.join(root, "runs", stage)
+    result = trainer.train(config, workdir, mesh=mesh)  # one device: the fastest compiles
+    losses[stage] = [row["loss"] for row in result["history"]]
+    if stage != "sft":  # the next stage's base: this one merged (convert.py merges the same way)
+      base = export.save_hf(*pipeline.trained_params(result), paths.join(root, stage))
+  model = paths.join(root, "export")
+  assert convert.main(["export", "--format", "hf", "--workdir", workdir, "--out", model,
+                       "--dtype", "float32"]) == 0
+  generate = _launch_generate()
+  generator = generate.Generator(generate.Options(model=model, temperature=0.0, max_new_tokens=3,
+                                                  batch_size=2))
+  answers = paths.join(root, "answers.jsonl")
+  generate.run_batch(generator, inputs["prompts"], answers)
+  return {"losses": losses, "answers": [json.loads(line) for line in
+                                        paths.read_text(answers).splitlines()]}
+
+
+def test_three_stage_run_with_every_path_in_a_bucket_equals_the_local_run(gcs, tmp_path, tokenizer,
+                                                                           monkeypatch):
+  from tests import hf_models
+  monkeypatch.setenv("CNLLAMA_DATA_CACHE", str(tmp_path / "mirror"))
+  base = hf_models.save(hf_models.make_hf_llama(seed=31, max_position_embeddings=256),
+                        str(tmp_path / "local" / "base"), "safetensors")
+  local_tok = str(tmp_path / "local" / "tokenizer")
+  paths.copy_tree(os.path.dirname(tokenizer), local_tok)
+  bucket = gcs.bucket()
+  paths.copy_tree(base, f"{bucket}/base")
+  paths.copy_tree(local_tok, f"{bucket}/tokenizer")
+  local = _three_stages(str(tmp_path / "local"), base, local_tok,
+                        _inputs(str(tmp_path / "local" / "in")))
+  remote = _three_stages(bucket, f"{bucket}/base", f"{bucket}/tokenizer",
+                         _inputs(f"{bucket}/in"))
+  assert [len(v) for v in local["losses"].values()] == [2, 2, 2]
+  assert remote["losses"] == local["losses"]
+  assert remote["answers"] == local["answers"] and len(local["answers"]) == 2
+  for stage in ("stage1", "stage2", "sft"):  # the caches and exports went to the bucket
+    assert paths.exists(f"{bucket}/runs/{stage}/data")
+    assert "config.json" in paths.listdir(f"{bucket}/exports/{stage}")
+    assert not paths.exists(f"{bucket}/exports/{stage}/{paths.INCOMPLETE}")
+  assert not os.path.exists(os.path.join(os.getcwd(), "gs:"))
