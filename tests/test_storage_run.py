@@ -187,8 +187,26 @@ def _three_stages(root: str, base: str, tokenizer: str, inputs: dict) -> dict:
                                         paths.read_text(answers).splitlines()]}
 
 
+@pytest.fixture
+def compile_once(tmp_path):
+  """JAX's persistent compilation cache, for one test: a second run of the same programs (the
+  gs:// run after the local one) loads them instead of compiling them again."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  saved = {key: getattr(jax.config, key) for key in keys}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax-cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  yield
+  for key, value in saved.items():
+    jax.config.update(key, value)
+  compilation_cache.reset_cache()
+
+
 def test_three_stage_run_with_every_path_in_a_bucket_equals_the_local_run(gcs, tmp_path, tokenizer,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           compile_once):
   from tests import hf_models
   monkeypatch.setenv("CNLLAMA_DATA_CACHE", str(tmp_path / "mirror"))
   base = hf_models.save(hf_models.make_hf_llama(seed=31, max_position_embeddings=256),
@@ -205,8 +223,12 @@ def test_three_stage_run_with_every_path_in_a_bucket_equals_the_local_run(gcs, t
   assert [len(v) for v in local["losses"].values()] == [2, 2, 2]
   assert remote["losses"] == local["losses"]
   assert remote["answers"] == local["answers"] and len(local["answers"]) == 2
-  for stage in ("stage1", "stage2", "sft"):  # the caches and exports went to the bucket
-    assert paths.exists(f"{bucket}/runs/{stage}/data")
-    assert "config.json" in paths.listdir(f"{bucket}/exports/{stage}")
-    assert not paths.exists(f"{bucket}/exports/{stage}/{paths.INCOMPLETE}")
+  for stage in ("stage1", "stage2", "sft"):  # workdirs, data caches and exports in the bucket
+    assert "checkpoints" in paths.listdir(f"{bucket}/runs/{stage}")
+    assert any(shared_cache.is_published(f"{bucket}/runs/{stage}/data/{builder}/{name}/1.0.0")
+               for builder in paths.listdir(f"{bucket}/runs/{stage}/data")
+               for name in paths.listdir(f"{bucket}/runs/{stage}/data/{builder}"))
+  for export in ("stage1", "stage2", "export"):
+    assert "config.json" in paths.listdir(f"{bucket}/{export}")
+    assert not paths.exists(f"{bucket}/{export}/{paths.INCOMPLETE}")
   assert not os.path.exists(os.path.join(os.getcwd(), "gs:"))
