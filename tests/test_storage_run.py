@@ -232,3 +232,37 @@ def test_three_stage_run_with_every_path_in_a_bucket_equals_the_local_run(gcs, t
     assert "config.json" in paths.listdir(f"{bucket}/{export}")
     assert not paths.exists(f"{bucket}/{export}/{paths.INCOMPLETE}")
   assert not os.path.exists(os.path.join(os.getcwd(), "gs:"))
+
+
+# --- C-Eval --------------------------------------------------------------------------------------
+
+def test_ceval_questions_from_a_bucket_and_results_published_there(gcs):
+  from cnllama_jax import ceval
+  bucket = gcs.bucket()
+  paths.copy_tree(os.path.join(DATA, "ceval"), f"{bucket}/ceval")
+  for split, shots in (("val", 5), ("test", 0)):
+    assert ceval.load_ceval(f"{bucket}/ceval", split, shots) == ceval.load_ceval(
+        os.path.join(DATA, "ceval"), split, shots)
+  data = ceval.load_ceval(f"{bucket}/ceval", "test", 0)
+  result = ceval.evaluate_ceval(  # a scorer that always prefers C
+      lambda ids, mask, options, penalty: np.tile([0.0, 0.0, 1.0, 0.0], (len(ids), 1)),
+      _FakeTokenizer(), data, split="test", shots=0)
+  out = f"{bucket}/results"
+  written = ceval.write_ceval(out, result)
+  assert sorted(paths.listdir(out)) == ["predictions.jsonl", "submission.json", "summary.json"]
+  assert json.loads(written["submission.json"].read_text()) == result.submission
+  assert set(json.loads(paths.read_text(f"{out}/submission.json"))["logic"].values()) == {"C"}
+  with pytest.raises(FileExistsError, match=f"^{out}: already exists and is not empty"):
+    ceval.write_ceval(out, result)
+  with pytest.raises(FileNotFoundError, match=f"^{bucket}/nowhere/val: no such directory"):
+    ceval.load_ceval(f"{bucket}/nowhere")
+
+
+class _FakeTokenizer:
+  """Characters as ids: enough for C-Eval's prompt building and option ids."""
+
+  def bos_id(self) -> int:
+    return 1
+
+  def encode(self, text: str) -> list[int]:
+    return [3 + ord(c) % 90 for c in text]
