@@ -1,4 +1,4 @@
-"""Data pipelines: tfds builds of local corpora, packing, and a (seed, step)-pure loader.
+"""Data pipelines: tfds builds of corpora (local or gs://), packing, and a (seed, step)-pure loader.
 
   build_pretrain_dataset(files_or_dir, tokenizer_path, data_dir, block_size=512, val_fraction=0.01,
                          *, pack=False)
