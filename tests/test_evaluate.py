@@ -238,9 +238,22 @@ def test_test_split_gives_c_evals_submission_format(sp, tmp_path):
   assert summary["subjects"]["logic"]["accuracy"] is None
 
 
+@pytest.fixture(scope="module")
+def hf_last(tiny):
+  """transformers' last-position logits [vocab] of one unpadded prompt, computed once per prompt
+  (both option rules score the same prompts)."""
+  cache = {}
+
+  def last(ids):
+    if tuple(ids) not in cache:
+      cache[tuple(ids)] = hf_models.hf_logits(tiny[0], np.asarray([ids]))[0, -1]
+    return cache[tuple(ids)]
+  return last
+
+
 @pytest.mark.parametrize("rule", ["context", "logits"])
-def test_predictions_and_scores_equal_transformers(sp, tiny, rule):
-  model, _, cfg, params = tiny
+def test_predictions_and_scores_equal_transformers(sp, tiny, hf_last, rule):
+  _, _, cfg, params = tiny
   data = ceval.load_ceval(CEVAL, "val", shots=5)
   result = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, shots=5, max_length=1024,
                              batch_size=4, option_rule=rule)
@@ -250,7 +263,7 @@ def test_predictions_and_scores_equal_transformers(sp, tiny, rule):
     for row in _rows("val", subject):
       prompt = paper_prompt(zh, _rows("dev", subject), row)
       ids = [sp.bos_id()] + sp.encode(prompt)
-      last = hf_models.hf_logits(model, np.asarray([ids]))[0, -1]  # [vocab], unpadded
+      last = hf_last(ids)  # [vocab], unpadded
       if rule == "context":
         options = [[sp.encode(prompt + c)[-1]] for c in "ABCD"]
         assert all(sp.encode(prompt + c)[:-1] == ids[1:] for c in "ABCD")
