@@ -264,7 +264,8 @@ def model_scorer(cfg, params, lora=None, mesh=None, rules=None) -> Scorer:
       return np.asarray(_option_scores(params, input_ids, attention_mask, option_ids, cfg=cfg,
                                        lora=lora, repetition_penalty=float(repetition_penalty)))
     return score
-  from cnllama_jax import generate as gen, sharding as shd  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from cnllama_jax import generate as gen, sharding as shd
   rules = shd.normalize_rules(rules or shd.DEFAULT_RULES)
   lora_cfg = lora or model.LoraConfig()
   net = model.Llama(cfg, lora_cfg, mesh=mesh, rules=rules)
@@ -283,7 +284,8 @@ def model_scorer(cfg, params, lora=None, mesh=None, rules=None) -> Scorer:
   def score(input_ids, attention_mask, option_ids, repetition_penalty=1.0):
     rows, fn = program(*input_ids.shape, float(repetition_penalty))
     return np.asarray(fn(placed, gen.to_global(input_ids, rows),
-                         gen.to_global(attention_mask, rows), gen.to_global(option_ids, replicated)))
+                         gen.to_global(attention_mask, rows),
+                         gen.to_global(option_ids, replicated)))
   return score
 
 
