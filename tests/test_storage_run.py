@@ -167,8 +167,9 @@ def _three_stages(root: str, base: str, tokenizer: str, inputs: dict) -> dict:
     config.train.update(dict(trainable=trainable, global_batch_size=8, seq_len=length, steps=2,
                              log_every=1, learning_rate=1e-2, warmup_ratio=0.0))
     config.lora.update(dict(rank=rank, alpha=8.0, dropout=0.0))
+    # one data cache for the run: stage 2 finds stage 1's build and reads it back
     config.data.update(dict(kind=kind, path=inputs[kind if kind == "sft" else "text"],
-                            val_fraction=0.0))
+                            val_fraction=0.0, data_dir=paths.join(root, "data")))
     config.vocab.strict = stage != "stage1"  # stage 1 resizes the base's 99 rows to 131
     workdir = paths.join(root, "runs", stage)
     result = trainer.train(config, workdir, mesh=mesh)  # one device: the fastest compiles
@@ -223,11 +224,11 @@ def test_three_stage_run_with_every_path_in_a_bucket_equals_the_local_run(gcs, t
   assert [len(v) for v in local["losses"].values()] == [2, 2, 2]
   assert remote["losses"] == local["losses"]
   assert remote["answers"] == local["answers"] and len(local["answers"]) == 2
-  for stage in ("stage1", "stage2", "sft"):  # workdirs, data caches and exports in the bucket
+  for stage in ("stage1", "stage2", "sft"):  # workdirs, the data cache and exports in the bucket
     assert "checkpoints" in paths.listdir(f"{bucket}/runs/{stage}")
-    assert any(shared_cache.is_published(f"{bucket}/runs/{stage}/data/{builder}/{name}/1.0.0")
-               for builder in paths.listdir(f"{bucket}/runs/{stage}/data")
-               for name in paths.listdir(f"{bucket}/runs/{stage}/data/{builder}"))
+  for builder in ("cnllama_pretrain_text", "cnllama_sft"):  # one build each (stage 2 reused 1's)
+    [name] = paths.listdir(f"{bucket}/data/{builder}")
+    assert shared_cache.is_published(f"{bucket}/data/{builder}/{name}/1.0.0")
   for export in ("stage1", "stage2", "export"):
     assert "config.json" in paths.listdir(f"{bucket}/{export}")
     assert not paths.exists(f"{bucket}/{export}/{paths.INCOMPLETE}")
