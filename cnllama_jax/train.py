@@ -250,7 +250,8 @@ def make_train_step(model: Llama, optimizer: optax.GradientTransformation,
     updates = _row_mask_updates(updates, new_rows)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"loss": loss_sum / total_tokens, "accuracy": correct / jnp.maximum(count, 1),
-               "grad_norm": grad_norm, "learning_rate": schedule(state.step), "tokens": count}
+               "grad_norm": grad_norm, "learning_rate": schedule(state.step), "tokens": count,
+               "real_tokens": jnp.sum(batch["attention_mask"] != 0)}  # non-padding (segment > 0)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
     return new_state, metrics
 

@@ -1,6 +1,7 @@
 """The training loop of one stage: `fit(run, data, workdir, writers)` resumes from the latest
 checkpoint in the workdir, steps, reports (step, loss, tokens/s, MFU) through the writers it is
-given, evaluates every N steps, saves checkpoints, and returns the final state.
+given (tokens/s counts every row slot the step computes, real tokens/s only the non-padding
+tokens, segment id > 0, so packed and padded data compare), evaluates every N steps, saves checkpoints, and returns the final state.
 
 `train(config, workdir)` is the same story as launch/train.py for programs and tests: plan ->
 build -> data -> fit. Resuming needs only the step (a batch is a pure function of (seed, step); the
@@ -145,29 +146,35 @@ def _loop(run: build_lib.Run, data: dict, workdir: str, writers,
   eval_loader = None
   if config.train.eval_every and data.get("validation"):
     eval_loader = Loader(data["validation"], config.train.global_batch_size, config.seed, *hosts)
-  peak, _ = peak_flops()
+  peak, peak_source = peak_flops()
   flops_per_token = flops.train_flops_per_token(plan.cfg, config.train.seq_len, plan.lora,
                                                 lora_lib.STAGES[plan.stage])
+  writers.write_text(f"MFU against peak {peak:.3g} FLOP/s ({peak_source}, {jax.device_count()} "
+                     f"devices); {flops_per_token:.4g} model FLOPs per token")
 
   total, save_every = config.train.steps, config.train.save_every
   finite = _FiniteCheck(checkpoints)
   result, preempted = {}, None
-  window_start, window_tokens = time.perf_counter(), 0
+  window_start, window_tokens, window_real = time.perf_counter(), 0, []
   for step in range(start, total):
     batch = shd.host_to_global(train_loader.batch(step), plan.batch_shardings)
     state, metrics = run.train_step(run.frozen, state, batch)
     done = step + 1
     finite.add(done, metrics)
     window_tokens += config.train.global_batch_size * config.train.seq_len
+    window_real.append(metrics.pop("real_tokens"))  # on device; fetched at the next log step
     if done % config.train.log_every == 0 or done == total:
       finite.check()
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      tokens_per_s = window_tokens / (time.perf_counter() - window_start)
-      metrics.update(step=done, tokens_per_s=tokens_per_s,
+      seconds = time.perf_counter() - window_start
+      real_tokens = float(sum(jax.device_get(window_real)))
+      tokens_per_s = window_tokens / seconds
+      metrics.update(step=done, tokens_per_s=tokens_per_s, real_tokens_per_s=real_tokens / seconds,
+                     real_token_fraction=real_tokens / window_tokens,
                      mfu=tokens_per_s * flops_per_token / peak)
       history.append(metrics)
       writers.write_scalars(done, metrics)
-      window_start, window_tokens = time.perf_counter(), 0
+      window_start, window_tokens, window_real = time.perf_counter(), 0, []
     stop = preemption.reached(done)
     if (save_every and done % save_every == 0) or done == total or stop:
       finite.check()  # never save a state that came from a NaN / inf step
@@ -181,6 +188,7 @@ def _loop(run: build_lib.Run, data: dict, workdir: str, writers,
     if eval_loader and (done % config.train.eval_every == 0 or done == total):
       result = evaluate(run, state, eval_loader, config.train.eval_batches)
       writers.write_scalars(done, result)
-      window_start, window_tokens = time.perf_counter(), 0  # keep evaluation out of tokens/s
+      # keep evaluation out of tokens/s
+      window_start, window_tokens, window_real = time.perf_counter(), 0, []
   checkpoints.wait()
   return {"state": state, "history": history, "eval": result, "preempted": preempted}

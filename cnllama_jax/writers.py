@@ -45,7 +45,8 @@ class Writers:
 
 class ConsoleWriter:
   """A progress bar over the stage's steps (step, loss, tokens/s) on stderr, and one line per
-  logged step or evaluation on stdout (`step 5/20 loss ...`, `step 20 eval loss ...`)."""
+  logged step or evaluation on stdout (`step 5/20 loss ...`, `step 20 eval loss ...`). `tokens/s`
+  counts every row slot computed, `real` only the non-padding tokens (segment id > 0)."""
 
   def __init__(self, total_steps: int, description: str = "train", progress: bool = True):
     self.total, self.description, self.progress = total_steps, description, progress
@@ -68,11 +69,13 @@ class ConsoleWriter:
       s = scalars
       line = (f"step {step}/{self.total} loss {s['loss']:.4f} acc {s['accuracy']:.3f} "
               f"lr {s['learning_rate']:.2e} grad_norm {s['grad_norm']:.3f} "
-              f"tokens/s {s['tokens_per_s']:,.0f} MFU {100 * s['mfu']:.1f}%")
+              f"tokens/s {s['tokens_per_s']:,.0f} real {s['real_tokens_per_s']:,.0f} "
+              f"MFU {100 * s['mfu']:.1f}%")
       bar = self._bar()
       if bar is not None:
         bar.update(step - bar.n)
-        bar.set_postfix(loss=f"{s['loss']:.4f}", tokens_per_s=f"{s['tokens_per_s']:,.0f}")
+        bar.set_postfix(loss=f"{s['loss']:.4f}", tokens_per_s=f"{s['tokens_per_s']:,.0f}",
+                        real_tokens_per_s=f"{s['real_tokens_per_s']:,.0f}")
       self._print(line)
     if "eval_loss" in scalars:
       s = scalars

@@ -3,6 +3,9 @@ the writers: console lines, the metrics.jsonl history rewritten from the resumed
 import json
 import os
 
+import numpy as np
+import pytest
+
 from cnllama_jax import run_data, sharding as shd, trainer, writers
 from tests.runs import build_on, tiny_config
 
@@ -25,19 +28,27 @@ def test_fit_returns_the_final_state_and_reports_through_its_writers(tmp_path):
   config = tiny_config(steps=4, log_every=2, eval_every=4, save_every=0)
   run = build_on(config, shd.single_device_mesh())
   data = run_data.datasets(run.plan.data, run.cfg.vocab_size, str(tmp_path))
+  for example in data["train"]:  # the last 4 of each row's 16 tokens are padding
+    example["attention_mask"] = (np.arange(16) < 12).astype(np.int32)
   recorder = Recorder()
   result = trainer.fit(run, data, str(tmp_path), recorder)
   assert int(result["state"].step) == 4 and result["preempted"] is None
   assert [step for step, s in recorder.scalars if "loss" in s] == [2, 4]
   assert [step for step, s in recorder.scalars if "eval_loss" in s] == [4]
   assert [row["step"] for row in result["history"]] == [2, 4]
-  assert recorder.lines == [f"training from step 0 (no checkpoint in {tmp_path}/checkpoints)"]
+  for row in result["history"]:
+    assert row["real_token_fraction"] == 0.75
+    assert row["real_tokens_per_s"] == pytest.approx(0.75 * row["tokens_per_s"])
+  assert recorder.lines[0] == f"training from step 0 (no checkpoint in {tmp_path}/checkpoints)"
+  assert recorder.lines[1].startswith("MFU against peak ") and "measured fp32 matmul" in (
+      recorder.lines[1])
+  assert len(recorder.lines) == 2
   assert sorted(os.listdir(tmp_path)) == ["checkpoints"]  # no metrics, TensorBoard or config
 
 
 def _row(step):
   return {"loss": 1.0 / step, "accuracy": 0.5, "learning_rate": 1e-3, "grad_norm": 1.0,
-          "tokens_per_s": 1000.0, "mfu": 0.01, "step": step}
+          "tokens_per_s": 1000.0, "real_tokens_per_s": 250.0, "mfu": 0.01, "step": step}
 
 
 def test_jsonl_history_is_rewritten_from_the_first_step_a_resumed_run_writes(tmp_path):
@@ -59,7 +70,7 @@ def test_console_prints_a_line_per_logged_step_and_evaluation(capsys):
   console.write_text("preempted")
   console.close()
   assert capsys.readouterr().out.splitlines() == [
-      "step 5/20 loss 0.2000 acc 0.500 lr 1.00e-03 grad_norm 1.000 tokens/s 1,000 MFU 1.0%",
+      "step 5/20 loss 0.2000 acc 0.500 lr 1.00e-03 grad_norm 1.000 tokens/s 1,000 real 250 MFU 1.0%",
       "step 20 eval loss 2.0000 ppl 7.39 acc 0.250",
       "preempted"]
 
