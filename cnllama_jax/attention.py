@@ -11,8 +11,10 @@ Real tokens therefore see only real tokens of their example; padding (segment 0)
 padding, so no row of the mask is empty and padding never touches a real token.
 
   xla        materialised [batch, kv, groups, t, s] fp32 scores, the mask a boolean `where`
-  blockwise  query x key tiles with an online softmax; tiles above the diagonal are never computed;
-             a custom VJP recomputes each tile's probabilities from the saved log-sum-exp, so
+  blockwise  query x key tiles with an online softmax; tiles above the diagonal are never computed,
+             nor tiles whose query and key segments cannot meet in any row of the batch (packed
+             rows: per-tile ranges of real segment ids, and whether the tile holds padding); a
+             custom VJP recomputes each tile's probabilities from the saved log-sum-exp, so
              memory is O(length) rather than O(length^2). Any platform; the CPU default.
   splash     the Pallas TPU kernel (jax.experimental.pallas.ops.tpu.splash_attention) inside
              `shard_map` over the batch and head axes (Mosaic kernels are not auto-partitioned)
@@ -134,6 +136,27 @@ def _tiles(q, k, v, segment_ids, block):
   return q, k, v, segment_ids.reshape(batch, n, block).transpose(1, 0, 2)
 
 
+def _tiles_meet(ids):
+  """[n, n] bool: whether query tile i and key tile j share a segment id in any row of the batch,
+  from per-tile ranges of real ids and whether a tile holds padding (a necessary condition for any
+  allowed score: equal real ids lie in both ranges; padding meets only padding). ids [n, batch,
+  block]."""
+  real = ids > 0
+  low = jnp.min(jnp.where(real, ids, jnp.iinfo(ids.dtype).max), axis=-1)  # [n, batch]
+  high = jnp.max(jnp.where(real, ids, 0), axis=-1)  # [n, batch]; an empty range never meets
+  padding = jnp.any(~real, axis=-1)  # [n, batch]
+  meet = (low[:, None] <= high[None, :]) & (low[None, :] <= high[:, None])  # [n, n, batch]
+  return jnp.any(meet | (padding[:, None] & padding[None, :]), axis=-1)
+
+
+def tiles_computed(segment_ids: Array, block: int) -> Array:
+  """[n, n] bool: the (query tile, key tile) pairs the blockwise kernel computes for this batch
+  (causal: j <= i, and the tiles' segments meet). segment_ids [batch, length]."""
+  n = segment_ids.shape[1] // block
+  meet = _tiles_meet(segment_ids.reshape(segment_ids.shape[0], n, block).transpose(1, 0, 2))
+  return meet & (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])
+
+
 def _tile_scores(q_tile, k_tile, ids_q, ids_k, i, j, block, scale):
   """Masked scores of query tile i against key tile j: [batch, kv, groups, block, block] fp32."""
   s = jnp.einsum("bkgqd,bksd->bkgqs", q_tile, k_tile, preferred_element_type=jnp.float32) * scale
@@ -148,12 +171,17 @@ def _blockwise_forward(q, k, v, segment_ids, block):
   batch, length, heads, d = q.shape
   scale = 1.0 / math.sqrt(d)
   qt, kt, vt, ids = _tiles(q, k, v, segment_ids, block)
+  meet = _tiles_meet(ids)  # [n, n]
 
   def query_tile(_, inputs):
     i, q_tile, ids_q = inputs
     shape = q_tile.shape[:-1]  # [batch, kv, groups, block]
 
     def key_tile(j, carry):
+      return jax.lax.cond(meet[i, j], lambda: add_key_tile(j, carry),
+                          lambda: carry)
+
+    def add_key_tile(j, carry):
       m, l, acc = carry
       s = _tile_scores(q_tile, kt[j], ids_q, ids[j], i, j, block, scale)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -166,7 +194,8 @@ def _blockwise_forward(q, k, v, segment_ids, block):
 
     init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_tile.shape, jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, i + 1, key_tile, init)  # tiles j > i: fully masked, skipped
+    # tiles j > i are fully masked by causality, never visited; a skipped tile adds exactly 0
+    m, l, acc = jax.lax.fori_loop(0, i + 1, key_tile, init)
     return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
 
   n = length // block
@@ -193,6 +222,7 @@ def _blockwise_bwd(block, residuals, d_out):
   kv_heads, n = k.shape[2], length // block
   scale = 1.0 / math.sqrt(d)
   qt, kt, vt, ids = _tiles(q, k, v, segment_ids, block)
+  meet = _tiles_meet(ids)  # [n, n]
   dot = _tiles(d_out, k, v, segment_ids, block)[0]  # [n, batch, kv, groups, block, d]
   delta = jnp.sum(dot.astype(jnp.float32) * _tiles(out, k, v, segment_ids, block)[0].astype(
       jnp.float32), axis=-1)  # [n, batch, kv, groups, block]: rowsum(dO * O)
@@ -201,6 +231,10 @@ def _blockwise_bwd(block, residuals, d_out):
     j, k_tile, v_tile, ids_k = inputs
 
     def query_tile(i, carry):
+      return jax.lax.cond(meet[i, j], lambda: add_query_tile(i, carry),
+                          lambda: carry)
+
+    def add_query_tile(i, carry):
       dq, dk, dv = carry
       s = _tile_scores(qt[i], k_tile, ids[i], ids_k, i, j, block, scale)
       p = jnp.exp(s - lse[i][..., None])  # [batch, kv, groups, bq, bk]

@@ -53,14 +53,39 @@ def _assert_close(got, want, tol=TOL):
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
+def _packed_rows(length: int = LENGTH) -> np.ndarray:
+  """[3, length] packed rows whose second 64-token tile shares no segment with the first in any
+  row, so the blockwise kernel skips that tile pair: 64|40+24, 30+34|50+14 padding, 64|64 padding."""
+  ids = np.zeros((3, length), np.int32)
+  ids[0, :64], ids[0, 64:104], ids[0, 104:] = 1, 2, 3
+  ids[1, :30], ids[1, 30:64], ids[1, 64:114] = 1, 2, 3
+  ids[2, :64] = 1
+  return ids
+
+
+def test_blockwise_skips_tile_pairs_whose_segments_never_meet():
+  computed = attention_lib.tiles_computed(jnp.asarray(_packed_rows()), 64)
+  assert computed.tolist() == [[True, False], [False, True]]
+  assert attention_lib.tiles_computed(jnp.asarray(_segments()), 64).tolist() == [
+      [True, False], [True, True]]
+  padded = np.array([[1, 1, 2, 2, 0, 0, 0, 0]], np.int32)  # padding meets only padding
+  assert attention_lib.tiles_computed(jnp.asarray(padded), 2).tolist() == [
+      [True, False, False, False], [False, True, False, False], [False, False, True, False],
+      [False, False, True, True]]
+
+
 @pytest.mark.parametrize("heads", HEADS)
 def test_blockwise_matches_xla_outputs_and_gradients(heads):
+  """On the causal / left-padded / packed batch and on packed rows where a tile pair is skipped
+  (the segment ids are arguments: one compilation serves both)."""
   q, k, v = _qkv(*HEADS[heads])
-  segments = jnp.asarray(_segments())
-  xla = lambda q, k, v: attention_lib.xla_attention(  # noqa: E731
-      q, k, v, attention_lib.segment_mask(segments))
-  blockwise = jax.jit(lambda q, k, v: attention_lib.blockwise_attention(q, k, v, segments, 64))
-  _assert_close(_value_and_grads(blockwise, q, k, v), _value_and_grads(xla, q, k, v))
+  blockwise = jax.jit(lambda q, k, v, segments: attention_lib.blockwise_attention(
+      q, k, v, segments, 64))
+  for segments in (jnp.asarray(_segments()), jnp.asarray(_packed_rows())):
+    xla = lambda q, k, v: attention_lib.xla_attention(  # noqa: E731
+        q, k, v, attention_lib.segment_mask(segments))  # pylint: disable=cell-var-from-loop
+    got = _value_and_grads(lambda q, k, v: blockwise(q, k, v, segments), q, k, v)  # noqa: B023
+    _assert_close(got, _value_and_grads(xla, q, k, v))
 
 
 @pytest.mark.parametrize("heads", ["gqa", "mqa"])
