@@ -5,8 +5,11 @@ a matmul of [n, k] x [k, m] costs 2nkm. Per token of a training step:
   forward            2 (N_layers + N_head) + attention + LoRA
   backward (inputs)  the same again (activation gradients flow through every frozen layer)
   backward (weights) 2 x the matmul params that train (+ LoRA's), nothing for frozen weights
-Attention scores and the weighted sum cost 4 T H d_head per layer and token (full, unmasked
-blocks, as computed).
+Attention scores and the weighted sum cost 4 K H d_head per layer and token, K the keys a query
+attends: causal, the mean over a row of T tokens is (T + 1) / 2 (what a causal model needs; the
+blockwise kernel computes whole diagonal tiles, (T + block) / 2, and xla all T, but their extra
+work is masked away and not counted). Packed rows attend less (keys within the segment only);
+MFU does not count that saving, so on packed rows it reads as if each row were one sequence.
 """
 from __future__ import annotations
 
@@ -40,12 +43,14 @@ def _lora_params(cfg: LlamaConfig, lora: LoraConfig) -> int:
 
 def train_flops_per_token(cfg: LlamaConfig, seq_len: int, lora: LoraConfig,
                           trainable_groups: frozenset[str]) -> float:
-  """Model FLOPs of one training token. trainable_groups: from `lora.STAGES`."""
+  """Model FLOPs of one training token in a causal row of `seq_len` tokens. trainable_groups:
+  from `lora.STAGES`."""
   layers = cfg.num_hidden_layers
   base = layers * sum(layer_matmul_params(cfg).values())
   head = cfg.hidden_size * cfg.padded_vocab_size
   adapters = layers * _lora_params(cfg, lora)
-  attention = 4 * layers * seq_len * cfg.num_attention_heads * cfg.head_dim
+  mean_keys = (seq_len + 1) / 2  # causal: query t attends keys 0..t
+  attention = 4 * layers * mean_keys * cfg.num_attention_heads * cfg.head_dim
   forward = 2 * (base + head + adapters) + attention
   backward_inputs = 2 * (base + head + adapters) + 2 * attention
   trained = (base if "base" in trainable_groups else 0) + (head if "head" in trainable_groups else 0)
