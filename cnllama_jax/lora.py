@@ -53,6 +53,46 @@ def kaiming_uniform_a(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+# --- dropout on an adapter's input ---------------------------------------------------------------
+
+def _mix(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def dropout(x: jax.Array, rng: jax.Array, rate: float) -> jax.Array:
+  """Inverted dropout of one adapter's input, as PEFT's `lora_dropout` (one mask per module).
+
+  Each element is zeroed with probability `rate` (to 2^-32) and the rest scaled by 1 / (1 - rate).
+  The mask comes from a keyed counter hash: the element's (row, feature) index mixed with 64 key
+  bits drawn from `rng` (two rounds of xor-key and MurmurHash3's finalizer). The key is the only
+  use of JAX's PRNG, so the mask is a pure function of `rng` like `jax.random.bernoulli`'s, at a
+  few integer ops per element instead of threefry's ~100 (bench/README.md: it was most of the
+  step's dropout cost on the CPU). Not for cryptography; rows and features are each < 2^32.
+
+  Args:
+    x: [..., features], any float dtype.
+    rng: a PRNG key, distinct per module, layer, step and micro-batch (flax's 'dropout' stream).
+    rate: drop probability in [0, 1).
+
+  Returns:
+    x's shape and dtype.
+  """
+  if rate == 0.0:
+    return x
+  k0, k1 = jax.random.bits(rng, (2,), jnp.uint32)
+  rows = jnp.zeros(x.shape, jnp.uint32)  # the leading axes flattened into one row index
+  for axis in range(x.ndim - 1):
+    rows = rows * jnp.uint32(x.shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+  features = jax.lax.broadcasted_iota(jnp.uint32, x.shape, x.ndim - 1)  # [..., features]
+  bits = _mix(_mix(rows ^ k0) ^ features ^ k1)  # [..., features] uint32
+  threshold = min(round(rate * 2.0 ** 32), 2 ** 32 - 1)
+  keep = bits >= jnp.uint32(threshold)
+  return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
 # --- which leaves train: the paper's stages ------------------------------------------------------
 
 # Each param path falls in exactly one group; the last rule is a catch-all that raises.

@@ -44,6 +44,7 @@ from cnllama_jax import rope
 from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
 from cnllama_jax.lora import LoraConfig, kaiming_uniform_a, lora_for
+from cnllama_jax.lora import dropout as lora_dropout
 from cnllama_jax.lora import lora_from_params  # noqa: F401  (its old home; defined in lora.py)
 
 Array = jax.Array
@@ -88,7 +89,7 @@ class Dense(_Module):
           nn.initializers.zeros, ("lora_rank", self.axes[1])), (rank, self.features), jnp.float32)
       h = x
       if self.lora.dropout > 0 and not self.deterministic:
-        h = nn.Dropout(self.lora.dropout, deterministic=False)(h)
+        h = lora_dropout(h, self.make_rng("dropout"), self.lora.dropout)
       h = jnp.dot(h.astype(dtype), lora_a.astype(dtype))  # [..., r]
       y = y + jnp.dot(h, lora_b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
     return y

@@ -56,3 +56,24 @@ def test_adapter_on_a_missing_target_is_an_error():
 def test_unknown_param_matches_no_partition_rule():
   with pytest.raises(ValueError, match=r"param 'layers/self_attn/q_proj/bias' matches no partition"):
     lora_lib.param_group("layers/self_attn/q_proj/bias")
+
+
+def test_lora_dropout_zeroes_the_rate_scales_the_rest_and_is_a_function_of_its_key():
+  x = np.ones((4, 32, 128), np.float32)  # 16,384 elements
+  key = jax.random.key(0)
+  out = np.asarray(lora_lib.dropout(x, key, 0.25))
+  dropped = out == 0
+  assert set(np.unique(out)) == {0.0, np.float32(1 / 0.75)}
+  assert abs(dropped.mean() - 0.25) < 0.015  # binomial sd 0.0034
+  # no structure along rows or features: the drop rates of the 128 features and of the 128 rows
+  # spread as a binomial's of 128 draws (sd 0.038), neither constant nor all-or-nothing
+  assert 0.025 < dropped.reshape(-1, 128).mean(0).std() < 0.06
+  assert 0.025 < dropped.reshape(-1, 128).mean(1).std() < 0.06
+  np.testing.assert_array_equal(np.asarray(lora_lib.dropout(x, key, 0.25)), out)
+  # the mask depends on the flattened row and the feature only: a reshaped input drops the same
+  np.testing.assert_array_equal(np.asarray(lora_lib.dropout(x.reshape(128, 128), key, 0.25)),
+                                out.reshape(128, 128))
+  # another key (another module, layer or step) draws an independent mask: both drop ~1/16
+  other = np.asarray(lora_lib.dropout(x, jax.random.fold_in(key, 1), 0.25)) == 0
+  assert abs((dropped & other).mean() - 0.0625) < 0.012
+  assert lora_lib.dropout(x, key, 0.0) is x
