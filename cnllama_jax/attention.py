@@ -12,8 +12,9 @@ padding, so no row of the mask is empty and padding never touches a real token.
 
   xla        materialised [batch, kv, groups, t, s] fp32 scores, the mask a boolean `where`
   blockwise  query x key tiles with an online softmax; tiles above the diagonal are never computed,
-             nor tiles whose query and key segments cannot meet in any row of the batch (packed
-             rows: per-tile ranges of real segment ids, and whether the tile holds padding); a
+             nor the tiles before the first key tile that shares a segment with the query tile in
+             any row of the batch (packed rows: per-tile ranges of real segment ids and whether
+             the tile holds padding; in the backward, after the last such query tile); a
              custom VJP recomputes each tile's probabilities from the saved log-sum-exp, so
              memory is O(length) rather than O(length^2). Any platform; the CPU default.
   splash     the Pallas TPU kernel (jax.experimental.pallas.ops.tpu.splash_attention) inside
@@ -149,12 +150,27 @@ def _tiles_meet(ids):
   return jnp.any(meet | (padding[:, None] & padding[None, :]), axis=-1)
 
 
+def _tile_ranges(ids):
+  """The tiles the kernel visits: query tile i against key tiles first_key[i] .. i, key tile j
+  against query tiles j .. last_query[j] (int32 [n] each): the span of the causal tile pairs whose
+  segments meet. For rows whose segment ids never decrease but for trailing padding (packed and
+  right-padded rows) the pairs that meet are exactly those spans; otherwise a span may include
+  pairs that do not meet, whose scores are all masked and add exactly 0. ids [n, batch, block]."""
+  n = ids.shape[0]
+  causal = jnp.arange(n)[None, :] <= jnp.arange(n)[:, None]  # [i, j]
+  meet = _tiles_meet(ids) & causal  # the diagonal always meets
+  first_key = jnp.argmax(meet, axis=1).astype(jnp.int32)  # [n]
+  last_query = (n - 1 - jnp.argmax(meet[::-1], axis=0)).astype(jnp.int32)  # [n]
+  return first_key, last_query
+
+
 def tiles_computed(segment_ids: Array, block: int) -> Array:
-  """[n, n] bool: the (query tile, key tile) pairs the blockwise kernel computes for this batch
-  (causal: j <= i, and the tiles' segments meet). segment_ids [batch, length]."""
+  """[n, n] bool: the (query tile, key tile) pairs the blockwise kernel's forward computes for
+  this batch. segment_ids [batch, length]."""
   n = segment_ids.shape[1] // block
-  meet = _tiles_meet(segment_ids.reshape(segment_ids.shape[0], n, block).transpose(1, 0, 2))
-  return meet & (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])
+  first_key, _ = _tile_ranges(segment_ids.reshape(segment_ids.shape[0], n, block).transpose(1, 0, 2))
+  j, i = jnp.arange(n)[None, :], jnp.arange(n)[:, None]
+  return (first_key[:, None] <= j) & (j <= i)
 
 
 def _tile_scores(q_tile, k_tile, ids_q, ids_k, i, j, block, scale):
@@ -171,17 +187,13 @@ def _blockwise_forward(q, k, v, segment_ids, block):
   batch, length, heads, d = q.shape
   scale = 1.0 / math.sqrt(d)
   qt, kt, vt, ids = _tiles(q, k, v, segment_ids, block)
-  meet = _tiles_meet(ids)  # [n, n]
+  first_key, _ = _tile_ranges(ids)  # [n]
 
   def query_tile(_, inputs):
     i, q_tile, ids_q = inputs
     shape = q_tile.shape[:-1]  # [batch, kv, groups, block]
 
     def key_tile(j, carry):
-      return jax.lax.cond(meet[i, j], lambda: add_key_tile(j, carry),
-                          lambda: carry)
-
-    def add_key_tile(j, carry):
       m, l, acc = carry
       s = _tile_scores(q_tile, kt[j], ids_q, ids[j], i, j, block, scale)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -194,8 +206,8 @@ def _blockwise_forward(q, k, v, segment_ids, block):
 
     init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_tile.shape, jnp.float32))
-    # tiles j > i are fully masked by causality, never visited; a skipped tile adds exactly 0
-    m, l, acc = jax.lax.fori_loop(0, i + 1, key_tile, init)
+    # tiles j > i (causality) and j < first_key[i] (no shared segment) are fully masked: skipped
+    m, l, acc = jax.lax.fori_loop(first_key[i], i + 1, key_tile, init)
     return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
 
   n = length // block
@@ -222,7 +234,7 @@ def _blockwise_bwd(block, residuals, d_out):
   kv_heads, n = k.shape[2], length // block
   scale = 1.0 / math.sqrt(d)
   qt, kt, vt, ids = _tiles(q, k, v, segment_ids, block)
-  meet = _tiles_meet(ids)  # [n, n]
+  _, last_query = _tile_ranges(ids)  # [n]
   dot = _tiles(d_out, k, v, segment_ids, block)[0]  # [n, batch, kv, groups, block, d]
   delta = jnp.sum(dot.astype(jnp.float32) * _tiles(out, k, v, segment_ids, block)[0].astype(
       jnp.float32), axis=-1)  # [n, batch, kv, groups, block]: rowsum(dO * O)
@@ -231,10 +243,6 @@ def _blockwise_bwd(block, residuals, d_out):
     j, k_tile, v_tile, ids_k = inputs
 
     def query_tile(i, carry):
-      return jax.lax.cond(meet[i, j], lambda: add_query_tile(i, carry),
-                          lambda: carry)
-
-    def add_query_tile(i, carry):
       dq, dk, dv = carry
       s = _tile_scores(qt[i], k_tile, ids[i], ids_k, i, j, block, scale)
       p = jnp.exp(s - lse[i][..., None])  # [batch, kv, groups, bq, bk]
@@ -248,7 +256,8 @@ def _blockwise_bwd(block, residuals, d_out):
       return dq, dk, dv
 
     zeros = jnp.zeros(k_tile.shape, jnp.float32)
-    dq, dk, dv = jax.lax.fori_loop(j, n, query_tile, (dq, zeros, zeros))  # tiles i < j skipped
+    # tiles i < j (causality) and i > last_query[j] (no shared segment) skipped
+    dq, dk, dv = jax.lax.fori_loop(j, last_query[j] + 1, query_tile, (dq, zeros, zeros))
     return dq, (dk, dv)
 
   dq, (dk, dv) = jax.lax.scan(key_tile, jnp.zeros(qt.shape, jnp.float32),
