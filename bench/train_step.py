@@ -31,7 +31,7 @@ CPU-second of the peak matmul), which the other jobs on the machine disturb far 
 First, one layer's attention fwd + bwd at these shapes: ours (auto, xla) vs torch's fused causal
 scaled_dot_product_attention, best CPU-ms.
   --vocab 512      both models with a 512-row vocabulary: the transformer body alone
-  --prng rbg       bench-only: another JAX PRNG for our dropout masks
+  --prng rbg       bench-only: another JAX PRNG for our dropout keys (the masks are a keyed hash)
   --profile        our step in pieces (forward, loss, gradient, LM head + loss, its GEMMs) and a
                    per-HLO-instruction trace (jax.profiler; best of the traced steps per op),
                    grouped into matmul / copy-transpose / elementwise / ...
@@ -318,10 +318,23 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
   trace_ops(ours.step, max(rounds, 3), hlo, top)
 
 
+def packed_segments():
+  """[BATCH, SEQ] segment ids of packed rows: examples of 100 + 7 b tokens in row b (about the
+  embedded instructions' length), back to back, then padding."""
+  import jax.numpy as jnp
+  ids = np.zeros((BATCH, SEQ), np.int32)
+  for row in range(BATCH):
+    length = 100 + 7 * row
+    for segment in range(SEQ // length):
+      ids[row, segment * length:(segment + 1) * length] = segment + 1
+  return jnp.asarray(ids)
+
+
 def attention_per_layer(rounds: int) -> None:
   """One layer's attention fwd + bwd at the step's shapes ([4, 512, 8 heads, 64]), fp32, best
   CPU-ms of `rounds`: ours (`auto` on this CPU mesh, and `xla`) against torch's fused causal
-  `scaled_dot_product_attention`."""
+  `scaled_dot_product_attention`; and ours `blockwise` on packed rows (`packed_segments`), where
+  it skips the tile pairs whose segments cannot meet."""
   import jax
   import jax.numpy as jnp
   import torch
@@ -340,6 +353,14 @@ def attention_per_layer(rounds: int) -> None:
     jax.block_until_ready(grad(q, k, v))
     results[f"ours {name} ({chosen})"] = min(
         timed(lambda: jax.block_until_ready(grad(q, k, v)))[1] for _ in range(rounds))
+  packed = packed_segments()
+  grad = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(attention.attention(
+      q, k, v, s, "blockwise") ** 2), argnums=(0, 1, 2)))
+  jax.block_until_ready(grad(q, k, v, packed))
+  tiles = int(attention.tiles_computed(packed, attention.BLOCKWISE_BLOCK).sum())
+  n = SEQ // attention.BLOCKWISE_BLOCK
+  results[f"ours blockwise, packed rows ({tiles} of {n * (n + 1) // 2} tiles)"] = min(
+      timed(lambda: jax.block_until_ready(grad(q, k, v, packed)))[1] for _ in range(rounds))
   qt, kt, vt = (torch.randn(BATCH, heads, SEQ, head_dim, requires_grad=True) for _ in range(3))
 
   def torch_step():
@@ -435,7 +456,7 @@ def main() -> None:
   parser.add_argument("--vocab", type=int, default=SHAPE["vocab_size"],
                       help="vocabulary of both models (e.g. 512: the transformer body alone)")
   parser.add_argument("--prng", default="", help="bench-only: jax_default_prng_impl for ours "
-                      "(threefry2x32 default, rbg, unsafe_rbg): the dropout masks' generator")
+                      "(threefry2x32 default, rbg, unsafe_rbg): draws the dropout masks' keys")
   args = parser.parse_args()
 
   SHAPE["vocab_size"] = args.vocab
