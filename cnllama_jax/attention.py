@@ -164,6 +164,7 @@ def _tile_ranges(ids):
   return first_key, last_query
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def tiles_computed(segment_ids: Array, block: int) -> Array:
   """[n, n] bool: the (query tile, key tile) pairs the blockwise kernel's forward computes for
   this batch. segment_ids [batch, length]."""
