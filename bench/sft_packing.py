@@ -82,7 +82,8 @@ def validation_loss(run, state, examples, batch: int) -> float:
 
 
 def train_side(args, pack: bool, batch: int, workdir: str, unpacked_validation=None) -> dict:
-  from cnllama_jax import build, plan as plan_lib, run_data, trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from cnllama_jax import build, plan as plan_lib, run_data, trainer
   config = sft_config(args, pack, batch, steps=1)
   plan = plan_lib.plan(config)
   data = run_data.datasets(plan.data, plan.cfg.vocab_size, workdir)
@@ -160,8 +161,8 @@ def main(argv=None) -> None:
   print("mean training loss of the steps in each quarter of the real tokens seen:")
   for quarter in range(4):
     low, high = quarter * total / 4, (quarter + 1) * total / 4
-    print(f"  {low:>9,.0f} - {high:>9,.0f} tokens: unpacked {loss_at(plain['curve'], low, high):.4f}"
-          f"  packed {loss_at(packed['curve'], low, high):.4f}")
+    print(f"  {low:>9,.0f} - {high:>9,.0f} tokens: "
+          f"unpacked {loss_at(plain['curve'], low, high):.4f}  packed {loss_at(packed['curve'], low, high):.4f}")
 
 if __name__ == "__main__":
   main()

@@ -169,7 +169,8 @@ def tiles_computed(segment_ids: Array, block: int) -> Array:
   """[n, n] bool: the (query tile, key tile) pairs the blockwise kernel's forward computes for
   this batch. segment_ids [batch, length]."""
   n = segment_ids.shape[1] // block
-  first_key, _ = _tile_ranges(segment_ids.reshape(segment_ids.shape[0], n, block).transpose(1, 0, 2))
+  ids = segment_ids.reshape(segment_ids.shape[0], n, block).transpose(1, 0, 2)  # [n, batch, block]
+  first_key, _ = _tile_ranges(ids)
   j, i = jnp.arange(n)[None, :], jnp.arange(n)[:, None]
   return (first_key[:, None] <= j) & (j <= i)
 

@@ -56,7 +56,8 @@ def kaiming_uniform_a(key, shape, dtype=jnp.float32):
 # --- dropout on an adapter's input ---------------------------------------------------------------
 
 def _mix(h: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+  """MurmurHash3's 32-bit finalizer: a bijection of uint32 whose output bits each depend on every
+  input bit."""
   h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
   h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
   return h ^ (h >> 16)
@@ -68,9 +69,10 @@ def dropout(x: jax.Array, rng: jax.Array, rate: float) -> jax.Array:
   Each element is zeroed with probability `rate` (to 2^-32) and the rest scaled by 1 / (1 - rate).
   The mask comes from a keyed counter hash: the element's (row, feature) index mixed with 64 key
   bits drawn from `rng` (two rounds of xor-key and MurmurHash3's finalizer). The key is the only
-  use of JAX's PRNG, so the mask is a pure function of `rng` like `jax.random.bernoulli`'s, at a
-  few integer ops per element instead of threefry's ~100 (bench/README.md: it was most of the
-  step's dropout cost on the CPU). Not for cryptography; rows and features are each < 2^32.
+  use of JAX's PRNG, so the mask is a pure function of `rng` (and of the global index, so of no
+  mesh) like `jax.random.bernoulli`'s, at a dozen integer ops per element instead of threefry's
+  ~100: 10-30x cheaper per element on the CPU (bench/README.md). Not for cryptography; the
+  flattened leading axes and the features each hold fewer than 2^32 elements.
 
   Args:
     x: [..., features], any float dtype.

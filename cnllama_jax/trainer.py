@@ -1,7 +1,8 @@
 """The training loop of one stage: `fit(run, data, workdir, writers)` resumes from the latest
 checkpoint in the workdir, steps, reports (step, loss, tokens/s, MFU) through the writers it is
 given (tokens/s counts every row slot the step computes, real tokens/s only the non-padding
-tokens, segment id > 0, so packed and padded data compare), evaluates every N steps, saves checkpoints, and returns the final state.
+tokens, segment id > 0, so packed and padded data compare), evaluates every N steps, saves
+checkpoints, and returns the final state.
 
 `train(config, workdir)` is the same story as launch/train.py for programs and tests: plan ->
 build -> data -> fit. Resuming needs only the step (a batch is a pure function of (seed, step); the

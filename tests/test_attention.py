@@ -55,7 +55,8 @@ HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 def _packed_rows(length: int = LENGTH) -> np.ndarray:
   """[3, length] packed rows whose second 64-token tile shares no segment with the first in any
-  row, so the blockwise kernel skips that tile pair: 64|40+24, 30+34|50+14 padding, 64|64 padding."""
+  row, so the blockwise kernel skips that tile pair: 64 | 40 + 24; 30 + 34 | 50 + 14 padding;
+  64 | 64 padding."""
   ids = np.zeros((3, length), np.int32)
   ids[0, :64], ids[0, 64:104], ids[0, 104:] = 1, 2, 3
   ids[1, :30], ids[1, 30:64], ids[1, 64:114] = 1, 2, 3

@@ -118,8 +118,9 @@ def test_module_table_is_the_models_kernels_and_the_flops_count():
   assert flops._lora_params(CFG, LORA) == 4 * ((32 + 32) + (32 + 16) + (32 + 32) + (80 + 32))
   # stage 2 at sequence 16: forward 2 (base + head + LoRA) + causal attention (mean 8.5 keys of
   # 4 heads x 8 per layer), backward twice that, plus the weight gradients of head and adapters
-  base, head, adapters = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 80), 32 * CFG.padded_vocab_size, (
-      2 * 4 * ((32 + 32) + (32 + 16) + (32 + 32) + (80 + 32)))
+  base = 2 * (2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 80)
+  head = 32 * CFG.padded_vocab_size
+  adapters = 2 * 4 * ((32 + 32) + (32 + 16) + (32 + 32) + (80 + 32))
   attention = 2 * 4 * 8.5 * 4 * 8
   assert flops.train_flops_per_token(CFG, 16, LORA, lora_lib.STAGES["lora+embeddings"]) == (
       4 * (base + head + adapters) + 3 * attention + 2 * (head + adapters))

@@ -70,7 +70,8 @@ def test_console_prints_a_line_per_logged_step_and_evaluation(capsys):
   console.write_text("preempted")
   console.close()
   assert capsys.readouterr().out.splitlines() == [
-      "step 5/20 loss 0.2000 acc 0.500 lr 1.00e-03 grad_norm 1.000 tokens/s 1,000 real 250 MFU 1.0%",
+      "step 5/20 loss 0.2000 acc 0.500 lr 1.00e-03 grad_norm 1.000 tokens/s 1,000 real 250 "
+      "MFU 1.0%",
       "step 20 eval loss 2.0000 ppl 7.39 acc 0.250",
       "preempted"]
 
