@@ -12,26 +12,154 @@ what epath lacks:
     `write_text` / `write_bytes` replace one file atomically (temp + rename locally; an object
     upload is atomic by itself).
   - multi-host: `is_writer()` (process 0 writes each shared file) and `process_tag()` for logs.
+  - bounded retries: `configure_retries` sets how often gcsfs and tensorstore (Orbax) retry a
+    failed request, in one place (default `Retries()`, overridable by $CNLLAMA_STORAGE_RETRIES), so
+    a store that went away fails the run with one line within a minute instead of retrying for
+    ten (tensorstore's default: 32 retries, up to 32 s apart).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import shutil
 import tempfile
-from typing import Iterator, Union
+from typing import Callable, Iterator, TypeVar, Union
 
 import numpy as np
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
-INCOMPLETE = "_INCOMPLETE"
-REMOTE_READ_BYTES = 16 << 20  # the largest single GET of read_into  # present while a published directory is being written
+INCOMPLETE = "_INCOMPLETE"  # present while a published directory is being written
+REMOTE_READ_BYTES = 16 << 20  # the largest single GET of read_into
+RETRIES_ENV = "CNLLAMA_STORAGE_RETRIES"
+
+
+@dataclasses.dataclass(frozen=True)
+class Retries:
+  """How a failed object-store request is retried (sized for a real bucket: a transient error
+  survives, a store that stays down fails the request within about a minute).
+
+  max_retries: retries after the first attempt, for tensorstore (Orbax's array data) and gcsfs
+  (everything else: checkpoint metadata, metrics, exports, reads; its waits are its own, about 1,
+  2, 4, 8 s); initial_delay_s / max_delay_s: tensorstore's exponential backoff between retries.
+  """
+  max_retries: int = 4
+  initial_delay_s: float = 1.0
+  max_delay_s: float = 10.0
+
+  @classmethod
+  def parse(cls, text: str) -> "Retries":
+    """From 'max_retries=2,initial_delay_s=0.1,max_delay_s=0.5' (any subset; the format of
+    $CNLLAMA_STORAGE_RETRIES); a one-line ValueError for anything else."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+      key, _, value = (x.strip() for x in item.partition("="))
+      try:
+        if key not in names:
+          raise ValueError(key)
+        values[key] = int(value) if key == "max_retries" else float(value)
+        if values[key] < 0:
+          raise ValueError(value)
+      except ValueError:
+        raise ValueError(f"{RETRIES_ENV}={text!r}: bad item {item!r}; expected comma-separated "
+                         f"key=value with keys {names} and values >= 0") from None
+    return cls(**values)
+
+
+_applied: list[Retries] = []  # the Retries in force (process-wide: both libraries keep theirs so)
+
+
+def configure_retries(retries: Retries | None = None) -> Retries:
+  """Sets the retries of gcsfs and tensorstore for this process: `retries`, else the applied ones,
+  else $CNLLAMA_STORAGE_RETRIES or `Retries()`. Idempotent and cheap; called by `path()` and by
+  checkpoint.Checkpoints, so a program only calls it to override."""
+  if retries is None:
+    if _applied:
+      return _applied[0]
+    retries = Retries.parse(os.environ.get(RETRIES_ENV, ""))
+  if _applied and _applied[0] == retries:
+    return retries
+  _set_gcsfs_retries(retries.max_retries)
+  _set_tensorstore_retries(retries)
+  _applied[:] = [retries]
+  return retries
+
+
+def _set_gcsfs_retries(max_retries: int) -> None:
+  """gcsfs wraps its request methods in `retry_request(retries=6)` at import; rewrap the
+  undecorated methods with our count (attempts = retries + 1)."""
+  try:
+    from gcsfs import core, retry  # pylint: disable=import-outside-toplevel
+  except ImportError:  # no gs:// support installed: nothing to configure
+    return
+  for name in ("_request", "_get_file_request", "_get_file_concurrent"):
+    method = getattr(core.GCSFileSystem, name, None)
+    inner = getattr(method, "_cnllama_inner", None) or getattr(method, "__wrapped__", None)
+    if inner is None:
+      logging.warning("gcsfs.GCSFileSystem.%s is not retry-wrapped as expected; its retries are "
+                      "left as they are", name)
+      continue
+    wrapped = retry.retry_request(retries=max_retries + 1)(inner)
+    wrapped._cnllama_inner = inner  # pylint: disable=protected-access
+    setattr(core.GCSFileSystem, name, wrapped)
+
+
+def _set_tensorstore_retries(retries: Retries) -> None:
+  """Orbax builds every tensorstore Context from two module dicts; a `gcs_request_retries`
+  resource there applies to every gs:// array it writes or reads."""
+  from orbax.checkpoint._src.serialization import (  # pylint: disable=import-outside-toplevel
+      tensorstore_utils as ts_utils)
+  resource = {"max_retries": retries.max_retries, "initial_delay": f"{retries.initial_delay_s}s",
+              "max_delay": f"{retries.max_delay_s}s"}
+  for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+    spec = getattr(ts_utils, name, None)
+    if isinstance(spec, dict):
+      spec["gcs_request_retries"] = dict(resource)
+    else:
+      logging.warning("orbax tensorstore_utils.%s not found; tensorstore keeps its own gs:// "
+                      "retries (32)", name)
+
+
+class StorageError(OSError):
+  """An object-store request that failed after its retries (store unreachable, forbidden, ...);
+  the message is one line that starts with the URL."""
+
+
+_F = TypeVar("_F", bound=Callable)
+_PASS_THROUGH = (FileNotFoundError, FileExistsError, ValueError, StorageError)
+
+
+def _names_the_url(fn: _F) -> _F:
+  """For a URL (not a local path; the first of fn's path arguments that is one), any failure of
+  `fn(url, ...)` other than a missing / existing file or bad data becomes a one-line StorageError
+  naming the URL and the retries spent."""
+
+  @functools.wraps(fn)
+  def wrapper(url, *args, **kwargs):
+    try:
+      return fn(url, *args, **kwargs)
+    except _PASS_THROUGH:
+      raise
+    except Exception as err:  # noqa: BLE001 - gcsfs / aiohttp / google-auth errors
+      where = next((os.fspath(u) for u in (url, *args)
+                    if isinstance(u, (str, os.PathLike)) and not is_local(u)), None)
+      if where is None:
+        raise
+      text = " ".join(str(err).split()) or type(err).__name__
+      raise StorageError(f"{where}: {fn.__name__} failed: {text} (gave up after "
+                         f"{configure_retries().max_retries} retries; ${RETRIES_ENV} sets "
+                         "them)") from err
+  return wrapper  # type: ignore[return-value]
 
 
 def path(url: PathLike) -> epath.Path:
   """The epath.Path of a local path or URL (`gs://b/k`, `memory://x`, ...)."""
+  if not _applied and not is_local(url):
+    configure_retries()
   return epath.Path(url)
 
 
@@ -51,6 +179,7 @@ def absolute(url: PathLike) -> str:
 
 def _fs(url: str):
   import fsspec  # pylint: disable=import-outside-toplevel
+  configure_retries()
   return fsspec.core.url_to_fs(url)
 
 
@@ -77,24 +206,29 @@ def missing(url: PathLike, what: str = "no such file or directory") -> FileNotFo
   return FileNotFoundError(f"{url}: {what}")
 
 
+@_names_the_url
 def exists(url: PathLike) -> bool:
   return path(url).exists()
 
 
+@_names_the_url
 def isdir(url: PathLike) -> bool:
   return path(url).is_dir()
 
 
+@_names_the_url
 def isfile(url: PathLike) -> bool:
   p = path(url)
   return p.exists() and not p.is_dir()
 
 
+@_names_the_url
 def listdir(url: PathLike) -> list[str]:
   """Names in a directory (sorted)."""
   return sorted(p.name for p in path(url).iterdir())
 
 
+@_names_the_url
 def size(url: PathLike) -> int:
   """The file's size in bytes."""
   url = os.fspath(url)
@@ -104,6 +238,7 @@ def size(url: PathLike) -> int:
   return int(fs.size(key))
 
 
+@_names_the_url
 def read_bytes(url: PathLike) -> bytes:
   try:
     return path(url).read_bytes()
@@ -115,6 +250,7 @@ def read_text(url: PathLike) -> str:
   return read_bytes(url).decode("utf-8")
 
 
+@_names_the_url
 def read_into(url: PathLike, offset: int, out: np.ndarray) -> np.ndarray:
   """Fills the contiguous array `out` with bytes [offset, offset + out.nbytes) of the file."""
   url = os.fspath(url)
@@ -216,10 +352,12 @@ def tag_logs_with_process() -> None:
         handler.addFilter(_ProcessTag(process_tag()))
 
 
+@_names_the_url
 def makedirs(url: PathLike) -> None:
   path(url).mkdir(parents=True, exist_ok=True)
 
 
+@_names_the_url
 def write_bytes(url: PathLike, data: bytes) -> None:
   """Replaces the file with `data` atomically (a reader sees the old or the new file)."""
   url = os.fspath(url)
@@ -243,12 +381,14 @@ def write_text(url: PathLike, text: str) -> None:
   write_bytes(url, text.encode("utf-8"))
 
 
+@_names_the_url
 def rmtree(url: PathLike) -> None:
   p = path(url)
   if p.exists():
     p.rmtree() if p.is_dir() else p.unlink()
 
 
+@_names_the_url
 def copy_tree(src: PathLike, dst: PathLike) -> None:
   """Copies every file under `src` to the same relative path under `dst` (either may be a URL)."""
   target = path(dst)
@@ -317,6 +457,7 @@ def publish_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[str]:
   (p / INCOMPLETE).unlink()
 
 
+@_names_the_url
 def move(src: PathLike, dst: PathLike) -> None:
   """Moves a file or directory (on an object store: copy + delete, not atomic)."""
   src, dst = os.fspath(src), os.fspath(dst)

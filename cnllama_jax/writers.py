@@ -45,12 +45,15 @@ class Writers:
 
 class ConsoleWriter:
   """A progress bar over the stage's steps (step, loss, tokens/s) on stderr, and one line per
-  logged step or evaluation on stdout (`step 5/20 loss ...`, `step 20 eval loss ...`). `tokens/s`
-  counts every row slot computed, `real` only the non-padding tokens (segment id > 0)."""
+  logged step or evaluation on stdout (`step 5/20 loss ...`, `step 20 eval loss ...`; prefixed
+  with `process i/n: ` when the run spans several processes). `tokens/s` counts every row slot
+  computed, `real` only the non-padding tokens (segment id > 0)."""
 
   def __init__(self, total_steps: int, description: str = "train", progress: bool = True):
     self.total, self.description, self.progress = total_steps, description, progress
     self.bar = None
+    import jax  # pylint: disable=import-outside-toplevel
+    self.tag = paths.process_tag() if jax.process_count() > 1 else ""  # 'process 1/8: step ...'
 
   def _bar(self):
     if self.bar is None and self.progress:
@@ -59,6 +62,8 @@ class ConsoleWriter:
     return self.bar
 
   def _print(self, line: str) -> None:
+    if self.tag:
+      line = f"{self.tag}: {line}"
     if self.bar is not None:
       self.bar.write(line)
     else:

@@ -1,5 +1,6 @@
 """Test setup: JAX on the CPU with 8 fake devices (real meshes without accelerators)."""
 import os
+import shutil
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -22,16 +23,18 @@ def fixtures_dir() -> str:
 @pytest.fixture(scope="session")
 def gcs():
   """A GCS emulator on 127.0.0.1 for the session, with tensorstore and gcsfs pointed at it
-  (tests/gcs_emulator.py); skips when the fake-gcs-server binary cannot start."""
+  (tests/gcs_emulator.py); skips when the fake-gcs-server binary cannot start. Its filesystem
+  backend keeps the objects when a test kills it and starts it again (same port)."""
   from tests import gcs_emulator
   try:
-    emulator = gcs_emulator.Emulator().start()
+    emulator = gcs_emulator.Emulator(backend="filesystem").start()  # restartable
   except (RuntimeError, OSError) as err:
     pytest.skip(f"no GCS emulator: {err}")
   saved = {k: os.environ.get(k) for k in emulator.env()}
   os.environ.update(emulator.env())
   yield emulator
   emulator.stop()
+  shutil.rmtree(emulator.root, ignore_errors=True)
   for key, value in saved.items():
     if value is None:
       os.environ.pop(key, None)

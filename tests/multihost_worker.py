@@ -1,4 +1,5 @@
-"""One process of a multi-process CPU run (tests/test_checkpoint.py starts two of these).
+"""One process of a multi-process CPU run (tests/test_checkpoint.py starts two of these, with the
+workdir on the GCS emulator).
 
   python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT CONFIG_JSON WORKDIR
 

@@ -1,9 +1,11 @@
 """Checkpoints: resume bit for bit after SIGKILL, save on SIGTERM, skip damaged checkpoints,
-restore onto other meshes, two processes preempted together, and one-line errors for bad input.
+restore onto other meshes, two processes checkpointing to a bucket (the GCS emulator) preempted
+together, and one-line errors for bad input.
 
 The run is tests/checkpoint_config.py (tiny LoRA model, synthetic data, 12 steps, a checkpoint
 every 3 steps, LoRA dropout on so the rng matters); per-step losses come from metrics.jsonl.
 """
+import contextlib
 import json
 import os
 import random
@@ -38,6 +40,11 @@ def launch(workdir, *overrides, **popen) -> subprocess.Popen:
 def losses(workdir) -> dict[int, float]:
   with open(os.path.join(workdir, writers.HISTORY), encoding="utf-8") as f:
     return {row["step"]: row["loss"] for row in map(json.loads, f)}
+
+
+def losses_at(url: str) -> dict[int, float]:
+  """losses() of a workdir on a bucket (or anywhere)."""
+  return {row["step"]: row["loss"] for row in writers.load_history(url)}
 
 
 def steps_on_disk(workdir) -> list[int]:
@@ -164,12 +171,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_preempted_together_resume_on_one_process_with_the_same_losses(tmp_path):
+def test_two_processes_checkpointing_to_a_bucket_resume_on_one_process_with_the_same_losses(
+    gcs, tmp_path):
+  """Two processes (gloo) with the workdir on gs:// (the emulator), preempted together; resumed as
+  one process on 4 devices, the losses equal an uninterrupted run's there within 1e-6."""
+  from cnllama_jax import paths, run_data
+  steps = 16
   config = checkpoint_config.get_config()
-  config.train.update(dict(steps=40, save_every=0))
+  config.train.update(dict(steps=steps, save_every=0))
   config_json = tmp_path / "config.json"
   config_json.write_text(config.to_json())
-  workdir = str(tmp_path / "two")
+  bucket = gcs.bucket()
+  workdir = f"{bucket}/two"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the worker sets 2 devices
   port = free_port()
   workers = [subprocess.Popen(
@@ -177,7 +190,7 @@ def test_two_processes_preempted_together_resume_on_one_process_with_the_same_lo
        str(config_json), workdir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       cwd=REPO, env=env) for i in range(2)]
   try:
-    read_until(workers[0], "step 2/")
+    read_until(workers[0], "process 0/2: step 2/")  # console lines name their process
     workers[1].send_signal(signal.SIGTERM)  # only one host is told; both must stop together
     outputs = [w.communicate(timeout=300) for w in workers]
   finally:
@@ -186,13 +199,27 @@ def test_two_processes_preempted_together_resume_on_one_process_with_the_same_lo
         w.kill()
   assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
   stops = [int(re.search(r"finished, preempted=(\d+)", out).group(1)) for out, _ in outputs]
-  assert stops[0] == stops[1] < 40 and steps_on_disk(workdir) == [stops[0]]
+  saved = paths.join(workdir, checkpoint.SUBDIR)
+  assert stops[0] == stops[1] < steps
+  assert sorted(int(n) for n in paths.listdir(saved) if n.isdigit()) == [stops[0]]
+  assert re.search(r"^process 1/2: step 1/", outputs[1][0], re.M), outputs[1][0][-2000:]
+  # Each process wrote its own array shards; process 0 alone the shared files.
+  state_files = paths.listdir(paths.join(saved, str(stops[0]), "state"))
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(state_files), state_files
+  events = [n for n in paths.listdir(paths.join(workdir, "tensorboard")) if "tfevents" in n]
+  assert len(events) == 1 and paths.exists(paths.join(workdir, "config.json")), events
+  history = losses_at(workdir)
+  assert sorted(history) == list(range(1, stops[0] + 1))
 
-  mesh = shd.make_mesh((1, -1, 1), jax.devices()[:4])
-  trainer.train(config, workdir, mesh=mesh)
-  trainer.train(config, str(tmp_path / "uninterrupted"), mesh=mesh)
-  got, want = losses(workdir), losses(tmp_path / "uninterrupted")
-  assert sorted(got) == list(range(1, 41))
+  # Resumed on one process (4 devices) and an uninterrupted run there: one build, one compile.
+  run = build.build(plan_lib.plan(config, shd.make_mesh((1, -1, 1), jax.devices()[:4])))
+  for where in (workdir, str(tmp_path / "uninterrupted")):  # the resumed run first: the
+    trainer.prepare_workdir(where, config)  # uninterrupted one consumes run.state (donated)
+    data = run_data.datasets(run.plan.data, run.plan.cfg.vocab_size, where)
+    with contextlib.closing(writers.for_run(where, steps, progress=False)) as out:
+      trainer.fit(run, data, where, out)
+  got, want = losses_at(workdir), losses(tmp_path / "uninterrupted")
+  assert sorted(got) == list(range(1, steps + 1))
   np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)],
                              rtol=0, atol=1e-6)
 

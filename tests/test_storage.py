@@ -1,6 +1,7 @@
 """Every path may be gs://: inputs, outputs and checkpoints against a GCS emulator on loopback
 (the `gcs` fixture in conftest.py; no network)."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -195,15 +196,39 @@ def _losses(workdir) -> dict[int, float]:
   return {row["step"]: row["loss"] for row in map(json.loads, text.splitlines())}
 
 
-def test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_identical_losses(gcs, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run():
+  """The run of tests/checkpoint_config.py (12 steps, a checkpoint every 3), built once: the tests
+  below share its init and its compiled step (`_fit` gives each a fresh copy of the state)."""
+  from cnllama_jax import build, plan as plan_lib
+  from tests import checkpoint_config
+  return build.build(plan_lib.plan(checkpoint_config.get_config()))
+
+
+def _fit(run, workdir: str) -> dict:
+  """trainer.train's story on a built run: workdir, data, writers, fit from step 0 or resumed."""
+  import contextlib
+  import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from cnllama_jax import run_data, trainer, writers
+  plan = run.plan
+  fresh = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=plan.state_shardings)
+  run = dataclasses.replace(run, state=fresh(run.state))  # fit donates the state it steps
+  trainer.prepare_workdir(workdir, plan.config)
+  data = run_data.datasets(plan.data, plan.cfg.vocab_size, workdir)
+  with contextlib.closing(writers.for_run(workdir, plan.config.train.steps, progress=False)) as w:
+    return trainer.fit(run, data, workdir, w)
+
+
+def test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_identical_losses(gcs, tiny_run):
   import signal
   import subprocess
   import sys
-  from cnllama_jax import checkpoint, trainer
-  from tests import checkpoint_config
+  from cnllama_jax import checkpoint
   bucket = gcs.bucket()
   reference = f"{bucket}/reference"
-  trainer.train(checkpoint_config.get_config(), reference)
+  _fit(tiny_run, reference)
   assert paths.exists(f"{reference}/config.json") and paths.exists(f"{reference}/metrics.json")
   assert any(n.startswith("events.out") for n in paths.listdir(f"{reference}/tensorboard"))
   workdir = f"{bucket}/killed"
@@ -219,7 +244,7 @@ def test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_identical_losses
   assert proc.returncode == -signal.SIGKILL, err[-2000:]
   saved = sorted(int(n) for n in paths.listdir(f"{workdir}/{checkpoint.SUBDIR}") if n.isdigit())
   assert saved and max(saved) < 12
-  trainer.train(checkpoint_config.get_config(), workdir)
+  _fit(tiny_run, workdir)  # resumes
   assert _losses(workdir) == _losses(reference)
   assert not os.path.exists(os.path.join(REPO, "gs:"))  # nothing went to a local folder 'gs:'
 
@@ -233,3 +258,45 @@ def test_a_workdir_in_a_missing_bucket_is_a_one_line_error(gcs):
     trainer.train(checkpoint_config.get_config(), "gs://no-such-bucket-z/run")
   assert "\n" not in str(err.value)
   assert not paths.exists("gs://no-such-bucket-z")
+
+
+def test_the_store_dying_during_an_async_save_stops_the_run_with_one_line_and_keeps_the_last_one(
+    gcs, tiny_run, monkeypatch):
+  """The emulator is killed while checkpoint 6's arrays are being written in the background: the
+  run stops within the (configured, bounded) retries with a one-line error naming a URL in the
+  workdir, and once the store is back, checkpoint 3 restores (its checksums verified)."""
+  import time
+  import orbax.checkpoint as ocp
+  from cnllama_jax import checkpoint
+  workdir = f"{gcs.bucket()}/run"
+  real_save = ocp.StandardCheckpointHandler.async_save
+  killed = []
+
+  async def save_then_kill_the_store(self, directory, *args, **kwargs):
+    futures = await real_save(self, directory, *args, **kwargs)  # the writes are under way
+    step_dir = os.path.basename(os.path.dirname(os.fspath(getattr(directory, "path", directory))))
+    if step_dir.split(".")[0] == "6":
+      gcs.kill()
+      killed.append(time.monotonic())
+    return futures
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save_then_kill_the_store)
+  before = paths.configure_retries()
+  paths.configure_retries(paths.Retries(max_retries=1, initial_delay_s=0.05, max_delay_s=0.1))
+  try:
+    with pytest.raises((OSError, checkpoint.CheckpointError)) as err:
+      _fit(tiny_run, workdir)
+    seconds = time.monotonic() - killed[0]
+  finally:
+    gcs.kill()
+    gcs.start()
+    paths.configure_retries(before)
+  message = str(err.value)
+  assert "\n" not in message and re.search(rf"(^|: |in ){re.escape(workdir)}/\S+", message), message
+  assert seconds < 30, f"stopped {seconds:.0f} s after the store died: {message}"  # no retry storm
+  monkeypatch.undo()
+  restorer = checkpoint.Checkpoints(workdir, tiny_run.plan, tiny_run.frozen, tiny_run.base_source)
+  try:
+    assert int(restorer.restore().step) == 3
+  finally:
+    restorer.close()
