@@ -51,7 +51,7 @@ def save_peft(cfg: LlamaConfig, params: Any, lora: LoraConfig, out_dir: str, *,
 
   specs, sources = [], {}
   for key, leaf, layer, shape in ex.hf_plan(cfg, params):
-    node = ex.get(params, leaf.path[:-1])
+    node = hf.get(params, leaf.path[:-1])
     if leaf.stacked and "lora_a" in node:
       a, b = node["lora_a"], node["lora_b"]  # [layers, in, r], [layers, r, out]
       for name, x in (("lora_A", a), ("lora_B", b)):
@@ -59,7 +59,7 @@ def save_peft(cfg: LlamaConfig, params: Any, lora: LoraConfig, out_dir: str, *,
         specs.append((peft_key, x.shape[1:][::-1], np.dtype(x.dtype)))
         sources[peft_key] = lambda x=x, layer=layer: ex.to_host(x[layer]).T
     elif leaf.path[0] in modules_to_save:
-      specs.append((PEFT_PREFIX + key, shape, np.dtype(ex.get(params, leaf.path).dtype)))
+      specs.append((PEFT_PREFIX + key, shape, np.dtype(hf.get(params, leaf.path).dtype)))
       sources[PEFT_PREFIX + key] = lambda leaf=leaf: whole(leaf)
   adapter_config = {
       "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
@@ -231,8 +231,8 @@ def merge_loras(cfg: LlamaConfig, params: Any, loras) -> tuple[LlamaConfig, Any]
     last = (vocab, name) if vocab is not None else last
     kernels = {}
     for path in adapter_shapes(cfg, lora):
-      node = ex.get(adapters, path.split("/"))
-      kernel = ex.get(params, path.split("/") + ["kernel"])
+      node = hf.get(adapters, path.split("/"))
+      kernel = hf.get(params, path.split("/") + ["kernel"])
       kernels[path] = merged_kernel(kernel, node["lora_a"], node["lora_b"],
                                     np.float32(lora.scale))
     params = _replace(params, kernels)

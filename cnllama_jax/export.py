@@ -13,12 +13,12 @@ llama.cpp reads that, Meta's own loader needs an even split.
 from __future__ import annotations
 
 import contextlib
-import glob
+import io
 import json
 import math
 import os
 import struct
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cnllama_jax import hf, paths, tokenizer as tok_lib, tokenizer_hf
-from cnllama_jax.config import LlamaConfig, to_hf_dict
+from cnllama_jax.config import (LlamaConfig, RopeScaling, rope_scaling_from_hf,
+                                 rope_scaling_to_hf, to_hf_dict)
 from cnllama_jax.lora import LoraConfig, lora_for, merged_kernel
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -138,12 +139,6 @@ def write_tokenizer(source: str | None, out: str, vocab_size: int) -> None:
 
 # --- reading params one slice at a time ----------------------------------------------------------
 
-def get(tree: Any, path: Iterable[str]) -> Any:
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
 def to_host(x) -> np.ndarray:
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -161,7 +156,7 @@ def read_slice(cfg: LlamaConfig, params, leaf: hf.Leaf, layer: int | None, index
 
   index: two slices over our per-layer [in, out] / [vocab, hidden] axes (one for a norm).
   """
-  node = get(params, leaf.path[:-1])
+  node = hf.get(params, leaf.path[:-1])
   if leaf.vocab_axis is not None:
     index, s = list(index), index[leaf.vocab_axis]
     index[leaf.vocab_axis] = slice(s.start or 0, min(s.stop or cfg.vocab_size, cfg.vocab_size))
@@ -177,7 +172,7 @@ def hf_plan(cfg: LlamaConfig, params) -> list[tuple[str, hf.Leaf, int | None, tu
   """(HF key, leaf, layer, HF shape) in HF's module order: embedding, layer by layer, norm, head."""
   table = hf.leaves(cfg)
   entry = lambda leaf, layer: (leaf.hf_key.format(layer=layer), leaf, layer,  # noqa: E731
-                               hf.hf_shape(leaf, get(params, leaf.path).shape, cfg))
+                               hf.hf_shape(leaf, hf.get(params, leaf.path).shape, cfg))
   single = [leaf for leaf in table if not leaf.stacked]  # embed_tokens, norm, lm_head
   return ([entry(single[0], None)]
           + [entry(leaf, layer) for layer in range(cfg.num_hidden_layers)
@@ -284,9 +279,19 @@ def meta_ffn_args(dim: int, ffn: int) -> dict[str, Any]:
   return {"multiple_of": 1, "ffn_dim_multiplier": (ffn + 0.5) / base}
 
 
+# Meta's LLaMA-3.1 reference code applies its "scaled rope" with these fixed values when
+# params.json says `use_scaled_rope: true` (later releases add `rope_scaling_factor`).
+_META_SCALED_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                         original_max_position_embeddings=8192)
+
+
 def meta_params_json(cfg: LlamaConfig) -> dict[str, Any]:
   """params.json as Meta's and llama.cpp's readers expect (n_kv_heads / rope_theta only when they
-  differ from LLaMA-1, whose ModelArgs lacks them)."""
+  differ from LLaMA-1, whose ModelArgs lacks them).
+
+  RoPE scaling, when there is any: `rope_scaling`, the HF rope dict (our reader, `meta_config`,
+  reads it back exactly), and `max_seq_len` (the context it was scaled for); for llama3 scaling
+  also Meta's own `use_scaled_rope: true` and `rope_scaling_factor`."""
   ffn = meta_ffn_args(cfg.hidden_size, cfg.intermediate_size)
   out = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers,
          "n_heads": cfg.num_attention_heads, "norm_eps": cfg.rms_norm_eps,
@@ -295,7 +300,32 @@ def meta_params_json(cfg: LlamaConfig) -> dict[str, Any]:
     out["n_kv_heads"] = cfg.num_key_value_heads
   if cfg.rope_theta != 10000.0:
     out["rope_theta"] = cfg.rope_theta
+  rope = rope_scaling_to_hf(cfg.rope_scaling, cfg.max_position_embeddings)
+  if rope:
+    out["rope_scaling"] = {k: v for k, v in rope.items() if k != "type"}
+    out["max_seq_len"] = cfg.max_position_embeddings
+    if cfg.rope_scaling.rope_type == "llama3":
+      out.update(use_scaled_rope=True, rope_scaling_factor=cfg.rope_scaling.factor)
   return out
+
+
+def meta_config(meta: dict[str, Any], source: str, **fields) -> LlamaConfig:
+  """The LlamaConfig of a Meta params.json (`fields`: what the weights say: vocabulary and
+  feed-forward sizes, dtype, ...). RoPE scaling from our `rope_scaling` dict, else from Meta's
+  `use_scaled_rope` (llama3 scaling, factor `rope_scaling_factor` or 8)."""
+  if meta.get("rope_scaling"):
+    scaling = rope_scaling_from_hf(meta["rope_scaling"], source)
+  elif meta.get("use_scaled_rope"):
+    scaling = RopeScaling(rope_type="llama3", **{
+        **_META_SCALED_ROPE, "factor": float(meta.get("rope_scaling_factor") or 8.0)})
+  else:
+    scaling = RopeScaling()
+  extra = {"max_position_embeddings": int(meta["max_seq_len"])} if "max_seq_len" in meta else {}
+  return LlamaConfig(
+      hidden_size=meta["dim"], num_hidden_layers=meta["n_layers"],
+      num_attention_heads=meta["n_heads"], num_key_value_heads=meta.get("n_kv_heads"),
+      rms_norm_eps=meta["norm_eps"], rope_theta=float(meta.get("rope_theta", 10000.0)),
+      rope_scaling=scaling, **extra, **fields)
 
 
 def save_meta(cfg: LlamaConfig, params: Any, out_dir: str, *, num_shards: int | None = None,
@@ -348,15 +378,23 @@ def save_meta(cfg: LlamaConfig, params: Any, out_dir: str, *, num_shards: int | 
 
 def load_meta(path: str, *, dtype: str = "float32", vocab_multiple: int = 128
               ) -> tuple[LlamaConfig, Any]:
-  """Reads a Meta checkpoint directory into (cfg, params) on the default device (the whole model
-  in host memory: for tests and inspection, not for 65B)."""
+  """Reads a Meta checkpoint directory (local or gs://) into (cfg, params) on the default device
+  (the whole model in host memory: for tests and inspection, not for 65B)."""
   import torch  # pylint: disable=import-outside-toplevel
-  files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
-  if not files or not os.path.isfile(os.path.join(path, "params.json")):
+  names = paths.listdir(path) if paths.isdir(path) else []
+  files = [paths.join(path, n) for n in names if n.startswith("consolidated.") and
+           n.endswith(".pth")]
+  if not files or "params.json" not in names:
     raise FileNotFoundError(f"{path}: not a Meta checkpoint (params.json + consolidated.*.pth)")
-  with open(os.path.join(path, "params.json"), encoding="utf-8") as f:
-    meta = json.load(f)
-  states = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+  paths.check_complete(path)
+  meta = json.loads(paths.read_text(paths.join(path, "params.json")))
+
+  def load(file):  # local files are memory-mapped; an object is read whole
+    if paths.is_local(file):
+      return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    return torch.load(io.BytesIO(paths.read_bytes(file)), map_location="cpu", weights_only=True)
+
+  states = [load(f) for f in files]
 
   def full(name):  # the whole tensor, its model-parallel parts concatenated
     parts = [s[name] for s in states]
@@ -365,13 +403,10 @@ def load_meta(path: str, *, dtype: str = "float32", vocab_multiple: int = 128
     axis = _META_SPLIT.get(name.split(".")[-2])
     return parts[0] if axis is None else np.concatenate(parts, axis)
 
-  cfg = LlamaConfig(
-      vocab_size=full("tok_embeddings.weight").shape[0], hidden_size=meta["dim"],
-      intermediate_size=full("layers.0.feed_forward.w1.weight").shape[0],
-      num_hidden_layers=meta["n_layers"], num_attention_heads=meta["n_heads"],
-      num_key_value_heads=meta.get("n_kv_heads"), rms_norm_eps=meta["norm_eps"],
-      rope_theta=float(meta.get("rope_theta", 10000.0)), vocab_multiple=vocab_multiple,
-      param_dtype=dtype)
+  cfg = meta_config(meta, paths.join(path, "params.json"),
+                    vocab_size=full("tok_embeddings.weight").shape[0],
+                    intermediate_size=full("layers.0.feed_forward.w1.weight").shape[0],
+                    vocab_multiple=vocab_multiple, param_dtype=dtype)
   heads = {"wq": cfg.num_attention_heads, "wk": cfg.num_key_value_heads}
   params: dict = {}
   for leaf in hf.leaves(cfg):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,8 @@ def hf_shape(leaf: Leaf, our_shape: tuple[int, ...], cfg: LlamaConfig) -> tuple[
   return tuple(reversed(shape)) if leaf.transpose else tuple(shape)
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def get(tree: Any, path: Iterable[str]) -> Any:
+  """tree[path[0]][path[1]]...: the node of a nested dict at a param path."""
   for name in path:
     tree = tree[name]
   return tree
@@ -90,7 +91,7 @@ def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
   """Missing, unexpected and mis-shaped tensors, each an error that lists them."""
   expected = {}
   for leaf in leaves(cfg):
-    shape = hf_shape(leaf, _get(boxed, leaf.path).value.shape, cfg)
+    shape = hf_shape(leaf, get(boxed, leaf.path).value.shape, cfg)
     layers = range(cfg.num_hidden_layers) if leaf.stacked else [None]
     for layer in layers:
       expected[leaf.hf_key.format(layer=layer)] = shape
@@ -164,9 +165,9 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
 
   params: dict = {}
   for leaf in leaves(cfg):
-    shape = _get(boxed, leaf.path).value.shape
+    shape = get(boxed, leaf.path).value.shape
     array = jax.make_array_from_callback(
-        shape, _get(shardings, leaf.path),
+        shape, get(shardings, leaf.path),
         lambda index, leaf=leaf, shape=shape: _read_shard(source, leaf, cfg, shape, index, target))
     node = params
     for name in leaf.path[:-1]:

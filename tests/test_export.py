@@ -10,7 +10,7 @@ import pytest
 import cnllama_jax
 from cnllama_jax import adapters, export, tensor_files
 from cnllama_jax import lora as lora_lib
-from cnllama_jax.config import LlamaConfig, preset
+from cnllama_jax.config import LlamaConfig, RopeScaling, preset
 from cnllama_jax.model import abstract_params, apply_rotary
 from cnllama_jax.rope import rotary_tables
 from cnllama_jax.vocab import resize_vocab
@@ -228,18 +228,47 @@ def test_merge_errors_name_the_problem(tmp_path):
 
 # --- Meta --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype,shards", [("float32", 1), ("float32", 2), ("bfloat16", 2)])
-def test_meta_round_trip_is_bit_identical(tmp_path, dtype, shards):
+META_ROPE = {"default": RopeScaling(), "linear": RopeScaling(rope_type="linear", factor=4.0),
+             "llama3": RopeScaling(rope_type="llama3", factor=32.0, low_freq_factor=2.0,
+                                   original_max_position_embeddings=1024)}
+
+
+@pytest.mark.parametrize("dtype,shards,rope,where", [
+    ("float32", 1, "default", "local"), ("float32", 2, "linear", "local"),
+    ("bfloat16", 2, "llama3", "gs")])
+def test_meta_round_trip_is_bit_identical(tmp_path, request, dtype, shards, rope, where):
+  """save_meta then load_meta (locally, and on a bucket for the last case): the same weights bit
+  for bit and the same config, RoPE scaling included."""
+  from cnllama_jax import paths
   _, cfg, params = _base(tmp_path, seed=15, num_key_value_heads=2, vocab_size=131)
+  cfg = cfg.replace(rope_scaling=META_ROPE[rope])
   params = jax.tree.map(lambda x: x.astype(dtype), params)
-  out = export.save_meta(cfg, params, str(tmp_path / "meta"), num_shards=shards, dtype=dtype)
-  assert sorted(os.listdir(out)) == [f"consolidated.{k:02d}.pth" for k in range(shards)] + [
+  out_dir = (request.getfixturevalue("gcs").bucket() + "/meta" if where == "gs"
+             else str(tmp_path / "meta"))
+  out = export.save_meta(cfg, params, out_dir, num_shards=shards, dtype=dtype)
+  assert paths.listdir(out) == [f"consolidated.{k:02d}.pth" for k in range(shards)] + [
       "params.json"]
   loaded_cfg, loaded = export.load_meta(out, dtype=dtype)
-  assert loaded_cfg == cfg.replace(max_position_embeddings=2048, param_dtype=dtype)
+  scaled = {} if rope == "default" else {"max_position_embeddings": cfg.max_position_embeddings}
+  assert loaded_cfg == cfg.replace(max_position_embeddings=2048, param_dtype=dtype).replace(
+      **scaled)
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(params),
                                jax.tree_util.tree_leaves_with_path(loaded)):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), path
+
+
+def test_meta_params_json_carries_rope_scaling_as_meta_and_reads_metas_own():
+  cfg = preset("tiny-llama3", rope_scaling=META_ROPE["llama3"])
+  written = export.meta_params_json(cfg)
+  assert written["use_scaled_rope"] is True and written["rope_scaling_factor"] == 32.0
+  assert export.meta_config(written, "params.json", vocab_size=cfg.vocab_size,
+                            intermediate_size=cfg.intermediate_size).rope_scaling == cfg.rope_scaling
+  # Meta's LLaMA-3.1 params.json: only `use_scaled_rope` (its code fixes factor 8, 1, 4, 8192).
+  meta = {k: v for k, v in written.items() if k not in ("rope_scaling", "rope_scaling_factor")}
+  assert export.meta_config(meta, "params.json", vocab_size=cfg.vocab_size,
+                            intermediate_size=cfg.intermediate_size).rope_scaling == RopeScaling(
+      rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+      original_max_position_embeddings=8192)
 
 
 def test_meta_rotary_layout_gives_the_same_attention_scores():
