@@ -208,6 +208,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, plan, frozen: Any, source: str, *, async_save: bool = True):
     self.workdir = paths.absolute(workdir)  # local or gs://: Orbax writes through tensorstore
+    paths.configure_retries()  # bounded gs:// retries, also for Orbax's tensorstore (idempotent)
     self.directory = paths.join(self.workdir, SUBDIR)
     self.config, self.plan = plan.config, plan
     self.vocab_size = plan.cfg.vocab_size
