@@ -109,37 +109,54 @@ def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
                        f"{source.shape(key)}, expected {shape} from config.json")
 
 
+_ALIGN = 64  # jax on CPU adopts a host buffer aligned like this without copying it
+_TRANSPOSE_BLOCK_BYTES = 4 << 20  # rows of a transposed tensor read (and held) at a time
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """np.zeros(shape, dtype) whose buffer starts on a 64-byte boundary, so that device_put on the
+  CPU backend uses it as the array's buffer (no copy); zero pages cost nothing until written."""
+  nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  raw = np.zeros(nbytes + _ALIGN, np.uint8)
+  start = -raw.ctypes.data % _ALIGN
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _read_shard(source, leaf: Leaf, cfg: LlamaConfig, shape, index, dtype) -> np.ndarray:
   """Our-layout slice `index` (a tuple of slices over `shape`) of one param, from HF tensors.
 
-  The slice is allocated once in the HF layout (zeros: vocabulary padding rows stay zero), each HF
-  tensor's byte ranges are read straight into it (cast on the way), and a transposed *view* is
-  returned for `[out, in]` weights: device_put does the transpose. Beyond the result the process
-  holds this one slice and at most one read block (tensor_files.CHUNK_BYTES).
+  The slice is allocated once, in our layout, zeroed (vocabulary padding rows stay zero) and
+  64-byte aligned (on CPU it becomes the param's buffer without a copy). Each HF tensor's byte
+  ranges are read straight into it, cast on the way; an HF `[out, in]` weight is read in blocks of
+  whole rows (at most _TRANSPOSE_BLOCK_BYTES), each transposed into place. Beyond the result the
+  process holds one such block, or one read block (tensor_files.CHUNK_BYTES) of a column slice.
   """
   bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
   layers: list = [None]
   if leaf.stacked:
     layers, bounds = list(range(*bounds[0])), bounds[1:]
-  real = list(bounds)
+  real = list(bounds)  # our axes, the vocabulary cut to the real rows
   if leaf.vocab_axis is not None:
     lo, hi = bounds[leaf.vocab_axis]
     real[leaf.vocab_axis] = (min(lo, cfg.vocab_size), min(hi, cfg.vocab_size))
-  theirs = [slice(lo, hi) for lo, hi in real]
-  inner = [hi - lo for lo, hi in bounds]
-  if leaf.transpose:
-    theirs, inner = theirs[::-1], inner[::-1]
-  # [layers?, *HF layout of the slice]; the vocabulary axis is the leading HF axis, so the real
-  # rows are a leading (contiguous) part of it.
-  out = np.zeros(([len(layers)] if leaf.stacked else []) + inner, dtype)
-  real_rows = tuple(s.stop - s.start for s in theirs)
+  out = aligned_zeros(tuple([len(layers)] if leaf.stacked else []) +
+                      tuple(hi - lo for lo, hi in bounds), dtype)  # [layers?, *our slice]
+  sizes = [hi - lo for lo, hi in real]
   for i, layer in enumerate(layers):
     key = leaf.hf_key if layer is None else leaf.hf_key.format(layer=layer)
     dest = out if layer is None else out[i]
-    if real_rows and real_rows[0] < dest.shape[0]:
-      dest = dest[:real_rows[0]]
-    source.read_into(key, tuple(theirs), dest)
-  return np.swapaxes(out, -1, -2) if leaf.transpose else out
+    dest = dest[tuple(slice(0, n) for n in sizes)]  # the real part (padding stays zero)
+    if not leaf.transpose:  # the vocabulary is the leading axis: dest stays contiguous
+      source.read_into(key, tuple(slice(lo, hi) for lo, hi in real), dest)
+      continue
+    (in_lo, in_hi), (out_lo, out_hi) = real  # ours [in, out]; HF rows are our columns
+    step = max(1, _TRANSPOSE_BLOCK_BYTES // max((in_hi - in_lo) * out.itemsize, 1))
+    for r0 in range(out_lo, out_hi, step):
+      r1 = min(r0 + step, out_hi)
+      block = np.empty((r1 - r0, in_hi - in_lo), dtype)  # HF [rows, in] of this block
+      source.read_into(key, (slice(r0, r1), slice(in_lo, in_hi)), block)
+      dest[:, r0 - out_lo:r1 - out_lo] = block.T
+  return out
 
 
 def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,

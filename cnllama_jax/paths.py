@@ -33,7 +33,7 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike]
 INCOMPLETE = "_INCOMPLETE"  # present while a published directory is being written
-REMOTE_READ_BYTES = 16 << 20  # the largest single GET of read_into
+REMOTE_READ_BYTES = 4 << 20  # the largest single GET of read_into (its bytes object is transient)
 RETRIES_ENV = "CNLLAMA_STORAGE_RETRIES"
 
 
