@@ -3,13 +3,16 @@
 Import streams: every param is built with `jax.make_array_from_callback`, so each device's shard
 is read with ranged reads of just its bytes, from a local file or a bucket (`gs://...`), never a
 whole file (torch's `[out, in]` weights transposed to our `[in, out]`, per-layer tensors stacked
-on the layer axis, the vocabulary padded with zero rows). Beyond the params it returns, a host
-holds one shard of one param and one read block at a time.
+on the layer axis, the vocabulary padded with zero rows). Each shard is read into a 64-byte
+aligned host buffer in our layout, which the CPU backend adopts as the array's buffer (on an
+accelerator it is copied to the device and dropped), so beyond the params it returns a host holds
+one read block at a time (plus, on an accelerator, one shard being copied).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import time
 from typing import Any, Iterable
 
@@ -110,13 +113,20 @@ def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
 
 
 _ALIGN = 64  # jax on CPU adopts a host buffer aligned like this without copying it
+_HUGE_BYTES = 1 << 20  # buffers from this size on are mapped with huge pages
 _TRANSPOSE_BLOCK_BYTES = 4 << 20  # rows of a transposed tensor read (and held) at a time
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
   """np.zeros(shape, dtype) whose buffer starts on a 64-byte boundary, so that device_put on the
-  CPU backend uses it as the array's buffer (no copy); zero pages cost nothing until written."""
+  CPU backend uses it as the array's buffer (no copy). A large one is an anonymous mapping
+  advised to use huge pages: first writes into fresh memory then fault 2 MB at a time, not 4 KB
+  (with 4 KB pages the import was ~1.7x slower)."""
   nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+  if nbytes >= _HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+    memory = mmap.mmap(-1, nbytes)  # zeroed, page-aligned; unmapped with the last array on it
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(memory, np.uint8).view(dtype).reshape(shape)
   raw = np.zeros(nbytes + _ALIGN, np.uint8)
   start = -raw.ctypes.data % _ALIGN
   return raw[start:start + nbytes].view(dtype).reshape(shape)
@@ -155,8 +165,17 @@ def _read_shard(source, leaf: Leaf, cfg: LlamaConfig, shape, index, dtype) -> np
       r1 = min(r0 + step, out_hi)
       block = np.empty((r1 - r0, in_hi - in_lo), dtype)  # HF [rows, in] of this block
       source.read_into(key, (slice(r0, r1), slice(in_lo, in_hi)), block)
-      dest[:, r0 - out_lo:r1 - out_lo] = block.T
+      _transpose_into(block, dest[:, r0 - out_lo:r1 - out_lo])
   return out
+
+
+def _transpose_into(block: np.ndarray, dest: np.ndarray, tile=(256, 128)) -> None:
+  """dest[:] = block.T in cache-sized tiles (a plain strided copy of a large block is ~2x
+  slower: every element of a column is on another cache line)."""
+  rows, cols = block.shape
+  for r in range(0, rows, tile[0]):
+    for c in range(0, cols, tile[1]):
+      dest[c:c + tile[1], r:r + tile[0]] = block[r:r + tile[0], c:c + tile[1]].T
 
 
 def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
