@@ -66,6 +66,24 @@ def test_publish_dir_on_a_bucket_is_marked_incomplete_until_done_and_refuses_to_
   assert paths.read_text(paths.join(out, "b.txt")) == "b"
 
 
+def test_storage_retries_parse_from_the_environment_format_and_reach_both_clients():
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  assert paths.Retries.parse("max_retries=2, initial_delay_s=0.5") == paths.Retries(
+      max_retries=2, initial_delay_s=0.5)
+  for bad in ("retries=2", "max_retries=two", "max_delay_s=-1"):
+    with pytest.raises(ValueError, match=f"^{paths.RETRIES_ENV}=.*bad item") as err:
+      paths.Retries.parse(bad)
+    assert "\n" not in str(err.value)
+  before = paths.configure_retries()
+  try:
+    paths.configure_retries(paths.Retries(max_retries=2, initial_delay_s=0.5, max_delay_s=3))
+    spec = ts_utils.get_ts_context(use_ocdbt=True).spec.to_json()
+    assert spec["gcs_request_retries"] == {"max_retries": 2, "initial_delay": "500ms",
+                                           "max_delay": "3s"}
+  finally:
+    paths.configure_retries(before)
+
+
 # --- the base model from a bucket ----------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["sharded", "bin-sharded"])
@@ -262,25 +280,25 @@ def test_a_workdir_in_a_missing_bucket_is_a_one_line_error(gcs):
 
 def test_the_store_dying_during_an_async_save_stops_the_run_with_one_line_and_keeps_the_last_one(
     gcs, tiny_run, monkeypatch):
-  """The emulator is killed while checkpoint 6's arrays are being written in the background: the
-  run stops within the (configured, bounded) retries with a one-line error naming a URL in the
-  workdir, and once the store is back, checkpoint 3 restores (its checksums verified)."""
+  """The emulator is killed as checkpoint 6's first array is written in the background (its
+  directories exist by then): the run stops within the (configured, bounded) retries with a
+  one-line error naming a URL in the workdir, and once the store is back, checkpoint 3 restores
+  (its checksums verified)."""
+  import json
   import time
-  import orbax.checkpoint as ocp
+  from orbax.checkpoint._src.serialization import serialization
   from cnllama_jax import checkpoint
   workdir = f"{gcs.bucket()}/run"
-  real_save = ocp.StandardCheckpointHandler.async_save
+  real_write = serialization.async_serialize_from_host
   killed = []
 
-  async def save_then_kill_the_store(self, directory, *args, **kwargs):
-    futures = await real_save(self, directory, *args, **kwargs)  # the writes are under way
-    step_dir = os.path.basename(os.path.dirname(os.fspath(getattr(directory, "path", directory))))
-    if step_dir.split(".")[0] == "6":
+  async def kill_the_store_then_write(rslices, tensorstore_spec, **kwargs):
+    if not killed and "checkpoints/6/" in json.dumps(tensorstore_spec):
       gcs.kill()
       killed.append(time.monotonic())
-    return futures
+    return await real_write(rslices, tensorstore_spec, **kwargs)
 
-  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", save_then_kill_the_store)
+  monkeypatch.setattr(serialization, "async_serialize_from_host", kill_the_store_then_write)
   before = paths.configure_retries()
   paths.configure_retries(paths.Retries(max_retries=1, initial_delay_s=0.05, max_delay_s=0.1))
   try:
