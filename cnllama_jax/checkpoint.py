@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cnllama_jax import cli, paths, train as train_lib
+from cnllama_jax import cli, paths, storage_retries, train as train_lib
 
 SUBDIR = "checkpoints"
 DAMAGED_SUBDIR = "checkpoints_damaged"
@@ -208,7 +208,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, plan, frozen: Any, source: str, *, async_save: bool = True):
     self.workdir = paths.absolute(workdir)  # local or gs://: Orbax writes through tensorstore
-    paths.configure_retries()  # bounded gs:// retries, also for Orbax's tensorstore (idempotent)
+    storage_retries.configure_retries()  # bounded gs:// retries, also for Orbax's tensorstore (idempotent)
     self.directory = paths.join(self.workdir, SUBDIR)
     self.config, self.plan = plan.config, plan
     self.vocab_size = plan.cfg.vocab_size

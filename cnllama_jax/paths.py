@@ -12,15 +12,12 @@ what epath lacks:
     `write_text` / `write_bytes` replace one file atomically (temp + rename locally; an object
     upload is atomic by itself).
   - multi-host: `is_writer()` (process 0 writes each shared file) and `process_tag()` for logs.
-  - bounded retries: `configure_retries` sets how often gcsfs and tensorstore (Orbax) retry a
-    failed request, in one place (default `Retries()`, overridable by $CNLLAMA_STORAGE_RETRIES), so
-    a store that went away fails the run with one line within a minute instead of retrying for
-    ten (tensorstore's default: 32 retries, up to 32 s apart).
+  - one-line errors: a failed request on a URL becomes a `StorageError` naming it and the retries
+    spent (bounded by `storage_retries`).
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -31,99 +28,11 @@ from typing import Callable, Iterator, TypeVar, Union
 import numpy as np
 from etils import epath
 
+from cnllama_jax.storage_retries import RETRIES_ENV, configure_retries
+
 PathLike = Union[str, os.PathLike]
 INCOMPLETE = "_INCOMPLETE"  # present while a published directory is being written
 REMOTE_READ_BYTES = 4 << 20  # the largest single GET of read_into (its bytes object is transient)
-RETRIES_ENV = "CNLLAMA_STORAGE_RETRIES"
-
-
-@dataclasses.dataclass(frozen=True)
-class Retries:
-  """How a failed object-store request is retried (sized for a real bucket: a transient error
-  survives, a store that stays down fails the request within about a minute).
-
-  max_retries: retries after the first attempt, for tensorstore (Orbax's array data) and gcsfs
-  (everything else: checkpoint metadata, metrics, exports, reads; its waits are its own, about 1,
-  2, 4, 8 s); initial_delay_s / max_delay_s: tensorstore's exponential backoff between retries.
-  """
-  max_retries: int = 4
-  initial_delay_s: float = 1.0
-  max_delay_s: float = 10.0
-
-  @classmethod
-  def parse(cls, text: str) -> "Retries":
-    """From 'max_retries=2,initial_delay_s=0.1,max_delay_s=0.5' (any subset; the format of
-    $CNLLAMA_STORAGE_RETRIES); a one-line ValueError for anything else."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-      key, _, value = (x.strip() for x in item.partition("="))
-      try:
-        if key not in names:
-          raise ValueError(key)
-        values[key] = int(value) if key == "max_retries" else float(value)
-        if values[key] < 0:
-          raise ValueError(value)
-      except ValueError:
-        raise ValueError(f"{RETRIES_ENV}={text!r}: bad item {item!r}; expected comma-separated "
-                         f"key=value with keys {names} and values >= 0") from None
-    return cls(**values)
-
-
-_applied: list[Retries] = []  # the Retries in force (process-wide: both libraries keep theirs so)
-
-
-def configure_retries(retries: Retries | None = None) -> Retries:
-  """Sets the retries of gcsfs and tensorstore for this process: `retries`, else the applied ones,
-  else $CNLLAMA_STORAGE_RETRIES or `Retries()`. Idempotent and cheap; called by `path()` and by
-  checkpoint.Checkpoints, so a program only calls it to override."""
-  if retries is None:
-    if _applied:
-      return _applied[0]
-    retries = Retries.parse(os.environ.get(RETRIES_ENV, ""))
-  if _applied and _applied[0] == retries:
-    return retries
-  _set_gcsfs_retries(retries.max_retries)
-  _set_tensorstore_retries(retries)
-  _applied[:] = [retries]
-  return retries
-
-
-def _set_gcsfs_retries(max_retries: int) -> None:
-  """gcsfs wraps its request methods in `retry_request(retries=6)` at import; rewrap the
-  undecorated methods with our count (attempts = retries + 1)."""
-  try:
-    from gcsfs import core, retry  # pylint: disable=import-outside-toplevel
-  except ImportError:  # no gs:// support installed: nothing to configure
-    return
-  for name in ("_request", "_get_file_request", "_get_file_concurrent"):
-    method = getattr(core.GCSFileSystem, name, None)
-    inner = getattr(method, "_cnllama_inner", None) or getattr(method, "__wrapped__", None)
-    if inner is None:
-      logging.warning("gcsfs.GCSFileSystem.%s is not retry-wrapped as expected; its retries are "
-                      "left as they are", name)
-      continue
-    wrapped = retry.retry_request(retries=max_retries + 1)(inner)
-    wrapped._cnllama_inner = inner  # pylint: disable=protected-access
-    setattr(core.GCSFileSystem, name, wrapped)
-
-
-def _set_tensorstore_retries(retries: Retries) -> None:
-  """Orbax builds every tensorstore Context from two module dicts; a `gcs_request_retries`
-  resource there applies to every gs:// array it writes or reads."""
-  from orbax.checkpoint._src.serialization import (  # pylint: disable=import-outside-toplevel
-      tensorstore_utils as ts_utils)
-  resource = {"max_retries": retries.max_retries, "initial_delay": f"{retries.initial_delay_s}s",
-              "max_delay": f"{retries.max_delay_s}s"}
-  for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
-    spec = getattr(ts_utils, name, None)
-    if isinstance(spec, dict):
-      spec["gcs_request_retries"] = dict(resource)
-    else:
-      logging.warning("orbax tensorstore_utils.%s not found; tensorstore keeps its own gs:// "
-                      "retries (32)", name)
-
-
 class StorageError(OSError):
   """An object-store request that failed after its retries (store unreachable, forbidden, ...);
   the message is one line that starts with the URL."""
@@ -158,7 +67,7 @@ def _names_the_url(fn: _F) -> _F:
 
 def path(url: PathLike) -> epath.Path:
   """The epath.Path of a local path or URL (`gs://b/k`, `memory://x`, ...)."""
-  if not _applied and not is_local(url):
+  if not is_local(url):  # bounded retries before the first request (idempotent, cheap)
     configure_retries()
   return epath.Path(url)
 

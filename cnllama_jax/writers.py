@@ -9,6 +9,7 @@ the console (a tqdm bar per stage and a line per log step or evaluation), Tensor
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from typing import Protocol
@@ -130,6 +131,8 @@ class TensorBoardWriter:
   def close(self) -> None:
     self.writer.close()
     self._sync(force=True)
+    if self.local != self.remote:  # everything is in the bucket now; the local copy goes
+      shutil.rmtree(self.local, ignore_errors=True)
 
 
 class JsonlWriter:

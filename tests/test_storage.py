@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cnllama_jax
-from cnllama_jax import paths, tensor_files
+from cnllama_jax import paths, storage_retries, tensor_files
 from tests import hf_models
 
 
@@ -68,20 +68,20 @@ def test_publish_dir_on_a_bucket_is_marked_incomplete_until_done_and_refuses_to_
 
 def test_storage_retries_parse_from_the_environment_format_and_reach_both_clients():
   from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-  assert paths.Retries.parse("max_retries=2, initial_delay_s=0.5") == paths.Retries(
+  assert storage_retries.Retries.parse("max_retries=2, initial_delay_s=0.5") == storage_retries.Retries(
       max_retries=2, initial_delay_s=0.5)
   for bad in ("retries=2", "max_retries=two", "max_delay_s=-1"):
-    with pytest.raises(ValueError, match=f"^{paths.RETRIES_ENV}=.*bad item") as err:
-      paths.Retries.parse(bad)
+    with pytest.raises(ValueError, match=f"^{storage_retries.RETRIES_ENV}=.*bad item") as err:
+      storage_retries.Retries.parse(bad)
     assert "\n" not in str(err.value)
-  before = paths.configure_retries()
+  before = storage_retries.configure_retries()
   try:
-    paths.configure_retries(paths.Retries(max_retries=2, initial_delay_s=0.5, max_delay_s=3))
+    storage_retries.configure_retries(storage_retries.Retries(max_retries=2, initial_delay_s=0.5, max_delay_s=3))
     spec = ts_utils.get_ts_context(use_ocdbt=True).spec.to_json()
     assert spec["gcs_request_retries"] == {"max_retries": 2, "initial_delay": "500ms",
                                            "max_delay": "3s"}
   finally:
-    paths.configure_retries(before)
+    storage_retries.configure_retries(before)
 
 
 # --- the base model from a bucket ----------------------------------------------------------------
@@ -299,8 +299,8 @@ def test_the_store_dying_during_an_async_save_stops_the_run_with_one_line_and_ke
     return await real_write(rslices, tensorstore_spec, **kwargs)
 
   monkeypatch.setattr(serialization, "async_serialize_from_host", kill_the_store_then_write)
-  before = paths.configure_retries()
-  paths.configure_retries(paths.Retries(max_retries=1, initial_delay_s=0.05, max_delay_s=0.1))
+  before = storage_retries.configure_retries()
+  storage_retries.configure_retries(storage_retries.Retries(max_retries=1, initial_delay_s=0.05, max_delay_s=0.1))
   try:
     with pytest.raises((OSError, checkpoint.CheckpointError)) as err:
       _fit(tiny_run, workdir)
@@ -308,7 +308,7 @@ def test_the_store_dying_during_an_async_save_stops_the_run_with_one_line_and_ke
   finally:
     gcs.kill()
     gcs.start()
-    paths.configure_retries(before)
+    storage_retries.configure_retries(before)
   message = str(err.value)
   assert "\n" not in message and re.search(rf"(^|: |in ){re.escape(workdir)}/\S+", message), message
   assert seconds < 30, f"stopped {seconds:.0f} s after the store died: {message}"  # no retry storm

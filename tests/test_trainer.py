@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from cnllama_jax import run_data, sharding as shd, trainer, writers
+from cnllama_jax import paths, run_data, sharding as shd, trainer, writers
 from tests.runs import build_on, tiny_config
 
 
@@ -97,3 +97,15 @@ def test_tensorboard_scalars_are_under_train_and_eval(tmp_path):
   board.write_scalars(5, {"eval_loss": 0.7})
   board.close()
   assert _event_tags(tmp_path / "tensorboard") == [("eval/eval_loss", 5), ("train/loss", 5)]
+
+
+def test_tensorboard_on_a_bucket_uploads_its_events_and_leaves_no_local_copy(gcs, tmp_path):
+  url = gcs.bucket() + "/run"
+  board = writers.TensorBoardWriter(url)
+  board.write_scalars(3, {"loss": 0.25})
+  board.close()
+  assert not os.path.exists(board.local)
+  names = paths.listdir(f"{url}/tensorboard")
+  assert len(names) == 1 and names[0].startswith("events.out")
+  paths.copy_tree(f"{url}/tensorboard", str(tmp_path))
+  assert _event_tags(tmp_path) == [("train/loss", 3)]
