@@ -6,6 +6,15 @@ accumulation (doubling from 1) that fits (`aot.fit_accumulation`).
     python bench/aot_table.py                              # every missing cell, then the table
     python bench/aot_table.py --cells '13b:sft:v4-32,7b:*:v5e-16'  # some cells (`*`: any)
     python bench/aot_table.py --table_only --write_readme  # no compiling: README from the JSON
+    python bench/aot_table.py --cells '7b:pretrain_stage2:v5e-16:4096:*'  # long-context cells
+
+Long context (issue 14): 7B stage 2 at sequence 4,096 and 16,384 x `model.attention` auto (splash
+on a TPU mesh) / xla x v5e-16 / v5p-64, keys `model:stage:topology:seq:attention` (a pattern
+matches them only when it has five parts, so `*` stays the paper's 27 cells). Same global batch
+(1024 rows), `model.lm_head_chunk=512`; the accumulation search starts where a micro-batch holds
+16,384 tokens per chip (what the 512-token cells fit with) instead of at 1, because every refused
+try is a full compile. Their table (between `<!-- aot_long:begin -->` and `<!-- aot_long:end -->`)
+shows every stored figure with the commit it was made at, marked when the code has changed since.
 
 A cell takes seconds to many minutes to compile, so the script is resumable: every finished cell is
 stored at once in bench/aot_table.json (beside this file) with the commit, the code it was made
@@ -39,6 +48,13 @@ STAGES = ("pretrain_stage1", "pretrain_stage2", "sft")
 TOPOLOGIES = ("v5e-16", "v4-32", "v5p-64")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_table.json")
 BEGIN, END = "<!-- aot_table:begin -->", "<!-- aot_table:end -->"
+LONG_MODEL, LONG_STAGE = "7b", "pretrain_stage2"
+LONG_SEQS = (4096, 16384)
+LONG_ATTENTION = ("auto", "xla")
+LONG_TOPOLOGIES = ("v5e-16", "v5p-64")
+LONG_HEAD_CHUNK = 512  # model.lm_head_chunk: no [tokens, vocab] fp32 logits at long lengths
+TOKENS_PER_CHIP = 16384  # per micro-batch where the accumulation search starts (512 cells fit it)
+LONG_BEGIN, LONG_END = "<!-- aot_long:begin -->", "<!-- aot_long:end -->"
 NOT_REGENERATED = "not regenerated"
 
 
@@ -94,13 +110,32 @@ def stage_config(stage: str, model: str):
   return module.get_config(model)
 
 
-def compile_cell(model: str, stage: str, topology: str) -> dict:
-  """Compiles one cell (smallest accumulation that fits) and returns its stored record."""
+def long_overrides(config, topology: str, seq: int, attention: str) -> dict:
+  """The long-context cell's settings on top of `config`: length, attention, chunked head and the
+  first micro-batch count tried (a micro-batch of TOKENS_PER_CHIP tokens per chip)."""
+  from cnllama_jax import aot  # pylint: disable=import-outside-toplevel
+  chips = aot.topology_description(topology)[2]
+  rows = config.train.global_batch_size
+  return {"seq_len": seq, "attention": attention, "lm_head_chunk": LONG_HEAD_CHUNK,
+          "first_micro_batches": max(1, rows * seq // (chips * TOKENS_PER_CHIP))}
+
+
+def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
+                 attention: str | None = None) -> dict:
+  """Compiles one cell (smallest accumulation that fits, doubling from the config's or, for a
+  long-context cell, from `long_overrides`) and returns its stored record."""
   from cnllama_jax import aot  # pylint: disable=import-outside-toplevel
   attempts = []
+  config = stage_config(stage, model)
+  extra = {}
+  if seq is not None:
+    extra = long_overrides(config, topology, int(seq), attention)
+    with config.unlocked():
+      config.train.seq_len = extra["seq_len"]
+      config.train.micro_batches = extra["first_micro_batches"]
+      config.model.attention, config.model.lm_head_chunk = attention, LONG_HEAD_CHUNK
   start = time.perf_counter()
-  report = aot.fit_accumulation(stage_config(stage, model), topology,
-                                on_report=lambda r: attempts.append(r))
+  report = aot.fit_accumulation(config, topology, on_report=lambda r: attempts.append(r))
   gib = lambda b: round(b / aot.GiB, 2)  # noqa: E731
   rejected = [{"micro_batches": r.micro_batches,
                "why": r.oom or f"{gib(r.total_bytes)} GiB > {gib(r.hbm_bytes)} GiB"}
@@ -109,7 +144,7 @@ def compile_cell(model: str, stage: str, topology: str) -> dict:
           "total_gib": gib(report.total_bytes), "argument_gib": gib(report.argument_bytes),
           "temp_gib": gib(report.temp_bytes), "output_gib": gib(report.output_bytes),
           "hbm_gib": gib(report.hbm_bytes), "oom": report.oom, "rejected": rejected,
-          "compile_seconds": round(time.perf_counter() - start, 1),
+          "compile_seconds": round(time.perf_counter() - start, 1), **extra,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 
@@ -135,7 +170,8 @@ def table(results: dict, version: dict) -> str:
     for stage in STAGES:
       cells = [format_cell(results.get(key(model, stage, t)), version) for t in TOPOLOGIES]
       lines.append(f"| {model.upper()} | {stage} | " + " | ".join(cells) + " |")
-  current = [k for k, c in results.items() if is_current(c, version)]
+  current = [k for k, c in results.items()
+             if k.count(":") == 2 and is_done(c) and is_current(c, version)]
   commits = sorted({results[k]["commit"] for k in current})
   lines += ["", f"Made by `python bench/aot_table.py` at commit {version['commit']} (jax "
                 f"{version['jax']}, libtpu {version['libtpu']}): {len(current)} of "
@@ -151,25 +187,80 @@ def key(model: str, stage: str, topology: str) -> str:
   return f"{model}:{stage}:{topology}"
 
 
+def long_key(topology: str, seq: int, attention: str) -> str:
+  return f"{LONG_MODEL}:{LONG_STAGE}:{topology}:{seq}:{attention}"
+
+
+def all_keys() -> list[str]:
+  """The paper's cells (three-part keys), then the long-context ones (five parts)."""
+  return ([key(m, s, t) for m in MODELS for s in STAGES for t in TOPOLOGIES]
+          + [long_key(t, n, a) for n in LONG_SEQS for a in LONG_ATTENTION for t in LONG_TOPOLOGIES])
+
+
 def selected(patterns: str) -> list[str]:
-  """Cell keys matching comma-separated `model:stage:topology` patterns (`*` wildcards)."""
-  keys = [key(m, s, t) for m in MODELS for s in STAGES for t in TOPOLOGIES]
-  chosen = [k for k in keys if any(fnmatch.fnmatchcase(k, p.strip()) for p in patterns.split(","))]
+  """Cell keys matching comma-separated `model:stage:topology` patterns, or for long-context
+  cells `model:stage:topology:seq:attention` ones (`*` wildcards; a pattern only matches keys
+  with five parts only when it has five)."""
+  chosen = [k for k in all_keys()
+            if any((p.count(":") == 4) == (k.count(":") == 4) and fnmatch.fnmatchcase(k, p.strip())
+                   for p in patterns.split(","))]
   if not chosen:
     raise SystemExit(f"error: --cells {patterns!r} matches no cell; expected model:stage:topology "
-                     f"patterns over {MODELS} x {STAGES} x {TOPOLOGIES}")
+                     f"patterns over {MODELS} x {STAGES} x {TOPOLOGIES}, or "
+                     f"{LONG_MODEL}:{LONG_STAGE}:topology:seq:attention over {LONG_TOPOLOGIES} x "
+                     f"{LONG_SEQS} x {LONG_ATTENTION}")
   return chosen
 
 
-def write_readme(path: str, text: str) -> None:
+def is_done(cell: dict | None) -> bool:
+  """A stored compile result (not just the marker of a compile that started)."""
+  return cell is not None and "total_gib" in cell
+
+
+def format_long_cell(cell: dict | None, version: dict) -> str:
+  """A long-context figure always with its commit (and compile time); marked when the code has
+  changed since; a compile that started and stored nothing says so."""
+  if cell is None:
+    return "not compiled"
+  if not is_done(cell):
+    return (f"not compiled: started {cell['started']} at {cell['commit'][:8]}, no result "
+            "(stopped or still running)")
+  if cell["oom"] or not cell["fits"]:
+    figure = f"does not fit at accum {cell['micro_batches']}"
+    if cell["oom"]:
+      figure += f" ({cell['oom'].replace('Ran out of memory on HBM, the ', '')})"
+  else:
+    figure = f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
+  note = "" if is_current(cell, version) else ", code changed since"
+  return f"{figure} [{cell['compile_seconds'] / 60:.0f} min, {cell['commit'][:8]}{note}]"
+
+
+def long_table(results: dict, version: dict) -> str:
+  """The long-context markdown table (7B stage 2) and the line saying what made it."""
+  lines = ["| sequence | attention | " + " | ".join(LONG_TOPOLOGIES) + " |",
+           "|---|---|" + "---|" * len(LONG_TOPOLOGIES)]
+  for seq in LONG_SEQS:
+    for attention in LONG_ATTENTION:
+      cells = [format_long_cell(results.get(long_key(t, seq, attention)), version)
+               for t in LONG_TOPOLOGIES]
+      lines.append(f"| {seq:,} | {attention} | " + " | ".join(cells) + " |")
+  lines += ["", f"Made by `python bench/aot_table.py --cells '{LONG_MODEL}:{LONG_STAGE}:*:*:*'` "
+                f"(table at commit {version['commit']}; jax {version['jax']}, libtpu "
+                f"{version['libtpu']}). In brackets: wall minutes of the cell's compiles on a "
+                "shared 2-core machine and the commit it was compiled at. Per-cell figures and "
+                "refused accumulations: `bench/aot_table.json`."]
+  return "\n".join(lines)
+
+
+def write_readme(path: str, text: str, begin: str = BEGIN, end: str = END) -> None:
   with open(path, encoding="utf-8") as f:
     readme = f.read()
-  if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
-    raise SystemExit(f"error: {path}: expected one {BEGIN} line before one {END} line")
-  head, rest = readme.split(BEGIN)
-  tail = rest.split(END)[1]
+  if readme.count(begin) != 1 or readme.count(end) != 1 or readme.index(begin) > readme.index(end):
+    raise SystemExit(f"error: {path}: expected one {begin} line before one {end} line")
+  head, rest = readme.split(begin)
+  tail = rest.split(end)[1]
   with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    f.write(f"{head}{begin}\n{text}\n{end}{tail}")
   os.replace(path + ".tmp", path)
 
 
@@ -191,20 +282,29 @@ def main(argv=None) -> int:
       print("warning: the code aot imports (or configs/) has uncommitted changes: cells made now "
             "are stored but never shown as current; commit first", file=sys.stderr)
     todo = [k for k in selected(args.cells)
-            if not (k in results and is_current(results[k], version))]
+            if not (is_done(results.get(k)) and is_current(results[k], version))]
     print(f"{len(todo)} cell(s) to compile: {', '.join(todo) or '-'}", flush=True)
     for number, cell_key in enumerate(todo, 1):
       print(f"[{number}/{len(todo)}] {cell_key} ...", flush=True)
+      if cell_key.count(":") == 4 and not is_done(results.get(cell_key)):
+        # a marker, so an interrupted long compile shows in the table instead of vanishing
+        started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        results[cell_key] = {"started": started, **version}
+        save_results(args.results, results)
       record = compile_cell(*cell_key.split(":"))
       results[cell_key] = {**record, **version}
       save_results(args.results, results)
-      print(f"[{number}/{len(todo)}] {cell_key}: {format_cell(results[cell_key], version)} "
-            f"({record['compile_seconds']:.0f} s)", flush=True)
-  text = table(results, version)
-  print(text)
+      shown = (format_long_cell if cell_key.count(":") == 4 else format_cell)(results[cell_key],
+                                                                              version)
+      print(f"[{number}/{len(todo)}] {cell_key}: {shown} ({record['compile_seconds']:.0f} s)",
+            flush=True)
+  text, long_text = table(results, version), long_table(results, version)
+  print(text + "\n\n" + long_text)
   if args.write_readme:
     write_readme(args.readme, text)
-    print(f"wrote the table into {args.readme}", file=sys.stderr)
+    if LONG_BEGIN in open(args.readme, encoding="utf-8").read():
+      write_readme(args.readme, long_text, LONG_BEGIN, LONG_END)
+    print(f"wrote the table(s) into {args.readme}", file=sys.stderr)
   return 0
 
 
