@@ -135,11 +135,19 @@ def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
       config.train.micro_batches = extra["first_micro_batches"]
       config.model.attention, config.model.lm_head_chunk = attention, LONG_HEAD_CHUNK
   start = time.perf_counter()
-  report = aot.fit_accumulation(config, topology, on_report=lambda r: attempts.append(r))
+  ends = []  # when each try's compile ended
+
+  def on_report(r):
+    attempts.append(r)
+    ends.append(time.perf_counter())
+    print(f"  micro_batches={r.micro_batches}: {'fits' if r.fits else 'refused'} after "
+          f"{ends[-1] - start:.0f} s", flush=True)
+  report = aot.fit_accumulation(config, topology, on_report=on_report)
   gib = lambda b: round(b / aot.GiB, 2)  # noqa: E731
-  rejected = [{"micro_batches": r.micro_batches,
+  seconds = [round(b - a, 1) for a, b in zip([start] + ends, ends)]
+  rejected = [{"micro_batches": r.micro_batches, "seconds": t,
                "why": r.oom or f"{gib(r.total_bytes)} GiB > {gib(r.hbm_bytes)} GiB"}
-              for r in attempts if not r.fits]
+              for r, t in zip(attempts, seconds) if not r.fits]
   return {"micro_batches": report.micro_batches, "fits": report.fits,
           "total_gib": gib(report.total_bytes), "argument_gib": gib(report.argument_bytes),
           "temp_gib": gib(report.temp_bytes), "output_gib": gib(report.output_bytes),

@@ -72,3 +72,44 @@ def test_readme_table_shows_only_cells_of_the_current_code(table_script, tmp_pat
   assert rows["| 33B | sft"].startswith("| 33B | sft | does not fit (accum 2) |")
   assert ("at commit abc123 (jax 0.10.2, libtpu 0.0.52): 2 of 27 cells compiled from this code "
           "(at abc123)") in text
+
+
+def test_long_context_cells_start_at_16k_tokens_per_chip_and_show_their_commit(table_script,
+                                                                               tmp_path):
+  """Five-part patterns select the long-context cells (`*` stays the paper's 27); the search
+  starts at 16,384 tokens per chip per micro-batch; the README's long table shows every stored
+  figure with its commit, even from older code, and an interrupted compile as not compiled."""
+  module, compiled = table_script
+  assert len(module.selected("*")) == 27
+  assert module.selected("7b:pretrain_stage2:v5e-16:*:xla") == [
+      "7b:pretrain_stage2:v5e-16:4096:xla", "7b:pretrain_stage2:v5e-16:16384:xla"]
+  config = module.stage_config("pretrain_stage2", "7b")  # 1024 rows
+  first = {(t, n): module.long_overrides(config, t, n, "auto")["first_micro_batches"]
+           for t in ("v5e-16", "v5p-64") for n in (4096, 16384)}
+  # 1024 rows x 4096 / 16 chips / 16 = 16,384 tokens per chip (v5p-64: 32 chips)
+  assert first == {("v5e-16", 4096): 16, ("v5e-16", 16384): 64, ("v5p-64", 4096): 8,
+                   ("v5p-64", 16384): 32}
+  results = tmp_path / "cells.json"
+  cell = {"micro_batches": 16, "fits": True, "total_gib": 9.55, "oom": "", "compile_seconds": 540,
+          **VERSION}
+  results.write_text(json.dumps({
+      "7b:pretrain_stage2:v5e-16:4096:auto": cell,
+      "7b:pretrain_stage2:v5e-16:4096:xla": {**cell, "code": "older", "commit": "def456",
+                                             "fits": False, "oom": "Ran out of memory on HBM, "
+                                             "the total memory required (40G) exceeds 15.75G"},
+      "7b:pretrain_stage2:v5p-64:4096:auto": {"started": "2026-11-30 00:40 UTC", **VERSION}}))
+  readme = tmp_path / "README.md"
+  readme.write_text("<!-- aot_table:begin -->\n<!-- aot_table:end -->\n"
+                    "<!-- aot_long:begin -->\nold\n<!-- aot_long:end -->\n")
+  module.main(["--table_only", "--write_readme", "--readme", str(readme),
+               "--results", str(results)])
+  rows = [line for line in readme.read_text().splitlines() if line.startswith("| 4,096")]
+  assert rows == [
+      "| 4,096 | auto | 9.55 GiB, accum 16, fits [9 min, abc123] | not compiled: started "
+      "2026-11-30 00:40 UTC at abc123, no result (stopped or still running) |",
+      "| 4,096 | xla | does not fit at accum 16 (total memory required (40G) exceeds 15.75G) "
+      "[9 min, def456, code changed since] | not compiled |"]
+  compiled.clear()
+  with pytest.raises(TypeError):  # the stub takes three parts: the marker is stored first
+    module.main(["--cells", "7b:pretrain_stage2:v5p-64:16384:xla", "--results", str(results)])
+  assert json.loads(results.read_text())["7b:pretrain_stage2:v5p-64:16384:xla"]["commit"] == "abc123"
