@@ -240,7 +240,9 @@ def format_long_cell(cell: dict | None, version: dict) -> str:
   else:
     figure = f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
   note = "" if is_current(cell, version) else ", code changed since"
-  return f"{figure} [{cell['compile_seconds'] / 60:.0f} min, {cell['commit'][:8]}{note}]"
+  seconds = cell["compile_seconds"]
+  took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+  return f"{figure} [{took}, {cell['commit'][:8]}{note}]"
 
 
 def long_table(results: dict, version: dict) -> str:
@@ -254,7 +256,7 @@ def long_table(results: dict, version: dict) -> str:
       lines.append(f"| {seq:,} | {attention} | " + " | ".join(cells) + " |")
   lines += ["", f"Made by `python bench/aot_table.py --cells '{LONG_MODEL}:{LONG_STAGE}:*:*:*'` "
                 f"(table at commit {version['commit']}; jax {version['jax']}, libtpu "
-                f"{version['libtpu']}). In brackets: wall minutes of the cell's compiles on a "
+                f"{version['libtpu']}). In brackets: wall time of the cell's compiles on a "
                 "shared 2-core machine and the commit it was compiled at. Per-cell figures and "
                 "refused accumulations: `bench/aot_table.json`."]
   return "\n".join(lines)
