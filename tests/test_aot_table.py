@@ -112,4 +112,5 @@ def test_long_context_cells_start_at_16k_tokens_per_chip_and_show_their_commit(t
   compiled.clear()
   with pytest.raises(TypeError):  # the stub takes three parts: the marker is stored first
     module.main(["--cells", "7b:pretrain_stage2:v5p-64:16384:xla", "--results", str(results)])
-  assert json.loads(results.read_text())["7b:pretrain_stage2:v5p-64:16384:xla"]["commit"] == "abc123"
+  marker = json.loads(results.read_text())["7b:pretrain_stage2:v5p-64:16384:xla"]
+  assert marker["commit"] == "abc123" and "started" in marker and "total_gib" not in marker
