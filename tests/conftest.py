@@ -40,3 +40,13 @@ def gcs():
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Under `-n N` with xdist's default `--dist load`: the longest tests first, and the tests that
+  share a module-scoped fixture on one worker (tests/scheduling.py); other --dist modes as asked."""
+  if config.getvalue("dist") != "load":
+    return None
+  from tests import scheduling
+  return scheduling.make_scheduler(config, log)
