@@ -23,8 +23,8 @@ DEFAULT_S = 1.0
 # test (file::name, without parameters; each parameter case counts this much) -> seconds,
 # setup included, from `pytest -n 2 --durations` of the whole suite.
 ESTIMATE_S = {
-    "tests/test_checkpoint.py::test_two_processes_preempted_together_resume_on_one_process_"
-    "with_the_same_losses": 138,
+    "tests/test_checkpoint.py::test_two_processes_checkpointing_to_a_bucket_resume_on_one_"
+    "process_with_the_same_losses": 138,
     "tests/test_demo.py::test_output_is_short_and_free_of_third_party_info_logs": 113,
     "tests/test_storage.py::test_sigkill_with_the_workdir_on_a_bucket_then_resume_gives_"
     "identical_losses": 101,
