@@ -12,6 +12,38 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CACHE_ROOT = "CNLLAMA_TESTS_JAX_CACHE"  # set by the process that made (and removes) the root
+
+
+def _compilation_cache() -> str | None:
+  """JAX's persistent compilation cache for this test session, in a temporary directory: the
+  many tests and `launch/*.py` subprocesses that compile the same tiny programs (the same run
+  on the same mesh) load them instead of compiling them again. One directory per xdist worker
+  (inherited by its subprocesses), so no process reads an entry another worker is writing; a
+  JAX_COMPILATION_CACHE_DIR set by the user is kept. Returns the root this process made."""
+  root = os.environ.get(_CACHE_ROOT)
+  made = None
+  if root is None:
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+      return None
+    import tempfile
+    root = made = tempfile.mkdtemp(prefix="cnllama-tests-jax-cache-")
+    os.environ[_CACHE_ROOT] = root
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      root, os.environ.get("PYTEST_XDIST_WORKER", "main"))
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return made
+
+
+_MADE_CACHE_ROOT = _compilation_cache()
+
+
+def pytest_unconfigure(config):
+  del config
+  if _MADE_CACHE_ROOT:
+    import shutil
+    shutil.rmtree(_MADE_CACHE_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +72,13 @@ def gcs():
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Under `-n N` with xdist's default `--dist load`: the longest tests first, and the tests that
+  share a module-scoped fixture on one worker (tests/scheduling.py); other --dist modes as asked."""
+  if config.getvalue("dist") != "load":
+    return None
+  from tests import scheduling
+  return scheduling.make_scheduler(config, log)
