@@ -25,7 +25,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cnllama_jax import adapters, checkpoint, cli, export, hf, lora as lora_lib, paths  # noqa: E402
+from cnllama_jax import (  # noqa: E402
+    adapters, checkpoint, cli, export, export_meta, hf, lora as lora_lib, paths)
 
 FORMATS = ("hf", "meta", "peft")
 
@@ -115,8 +116,9 @@ def _export_workdir(args) -> str:
                               base_model_name_or_path=config.base_model or None,
                               tokenizer_dir=tokenizer, overwrite=args.overwrite)
   if args.format == "meta":
-    return export.save_meta(cfg, params, args.out, num_shards=args.num_shards, dtype=args.dtype,
-                            lora=lora, tokenizer_dir=tokenizer, overwrite=args.overwrite)
+    return export_meta.save_meta(cfg, params, args.out, num_shards=args.num_shards,
+                                 dtype=args.dtype, lora=lora, tokenizer_dir=tokenizer,
+                                 overwrite=args.overwrite)
   return export.save_hf(cfg, params, args.out, dtype=args.dtype, lora=lora,
                         tokenizer_dir=tokenizer, max_shard_bytes=args.max_shard_bytes,
                         overwrite=args.overwrite)
@@ -143,8 +145,9 @@ def run(args) -> str:
                               tokenizer_dir=own, overwrite=args.overwrite)
   cfg, params = adapters.merge_loras(cfg, params, args.lora)
   if args.format == "meta":
-    return export.save_meta(cfg, params, args.out, num_shards=args.num_shards, dtype=args.dtype,
-                            tokenizer_dir=tokenizer, overwrite=args.overwrite)
+    return export_meta.save_meta(cfg, params, args.out, num_shards=args.num_shards,
+                                 dtype=args.dtype, tokenizer_dir=tokenizer,
+                                 overwrite=args.overwrite)
   return export.save_hf(cfg, params, args.out, dtype=args.dtype, tokenizer_dir=tokenizer,
                         max_shard_bytes=args.max_shard_bytes, overwrite=args.overwrite)
 

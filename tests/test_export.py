@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cnllama_jax
-from cnllama_jax import adapters, export, tensor_files
+from cnllama_jax import adapters, export, export_meta, tensor_files
 from cnllama_jax import lora as lora_lib
 from cnllama_jax.config import LlamaConfig, RopeScaling, preset
 from cnllama_jax.model import abstract_params, apply_rotary
@@ -245,10 +245,10 @@ def test_meta_round_trip_is_bit_identical(tmp_path, request, dtype, shards, rope
   params = jax.tree.map(lambda x: x.astype(dtype), params)
   out_dir = (request.getfixturevalue("gcs").bucket() + "/meta" if where == "gs"
              else str(tmp_path / "meta"))
-  out = export.save_meta(cfg, params, out_dir, num_shards=shards, dtype=dtype)
+  out = export_meta.save_meta(cfg, params, out_dir, num_shards=shards, dtype=dtype)
   assert paths.listdir(out) == [f"consolidated.{k:02d}.pth" for k in range(shards)] + [
       "params.json"]
-  loaded_cfg, loaded = export.load_meta(out, dtype=dtype)
+  loaded_cfg, loaded = export_meta.load_meta(out, dtype=dtype)
   scaled = {} if rope == "default" else {"max_position_embeddings": cfg.max_position_embeddings}
   assert loaded_cfg == cfg.replace(max_position_embeddings=2048, param_dtype=dtype).replace(
       **scaled)
@@ -259,14 +259,16 @@ def test_meta_round_trip_is_bit_identical(tmp_path, request, dtype, shards, rope
 
 def test_meta_params_json_carries_rope_scaling_as_meta_and_reads_metas_own():
   cfg = preset("tiny-llama3", rope_scaling=META_ROPE["llama3"])
-  written = export.meta_params_json(cfg)
+  written = export_meta.meta_params_json(cfg)
   assert written["use_scaled_rope"] is True and written["rope_scaling_factor"] == 32.0
-  assert export.meta_config(written, "params.json", vocab_size=cfg.vocab_size,
-                            intermediate_size=cfg.intermediate_size).rope_scaling == cfg.rope_scaling
+  assert export_meta.meta_config(
+      written, "params.json", vocab_size=cfg.vocab_size,
+      intermediate_size=cfg.intermediate_size).rope_scaling == cfg.rope_scaling
   # Meta's LLaMA-3.1 params.json: only `use_scaled_rope` (its code fixes factor 8, 1, 4, 8192).
   meta = {k: v for k, v in written.items() if k not in ("rope_scaling", "rope_scaling_factor")}
-  assert export.meta_config(meta, "params.json", vocab_size=cfg.vocab_size,
-                            intermediate_size=cfg.intermediate_size).rope_scaling == RopeScaling(
+  assert export_meta.meta_config(
+      meta, "params.json", vocab_size=cfg.vocab_size,
+      intermediate_size=cfg.intermediate_size).rope_scaling == RopeScaling(
       rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
       original_max_position_embeddings=8192)
 
@@ -293,9 +295,9 @@ def test_meta_rotary_layout_gives_the_same_attention_scores():
     q, k = pair(x @ wq.T) * rot[:, None], pair(x @ wk.T) * rot[:, None]
     return np.einsum("thd,shd->hts", q, np.conj(k)).real
 
-  meta_q, meta_k = export.to_meta_rotary(w_q, heads), export.to_meta_rotary(w_k, heads)
+  meta_q, meta_k = export_meta.to_meta_rotary(w_q, heads), export_meta.to_meta_rotary(w_k, heads)
   assert np.abs(hf_scores(w_q, w_k) - meta_scores(meta_q, meta_k)).max() < 1e-4
-  assert np.array_equal(export.from_meta_rotary(meta_q, heads), w_q)
+  assert np.array_equal(export_meta.from_meta_rotary(meta_q, heads), w_q)
 
 
 def test_meta_shards_split_as_meta_and_odd_vocab_unevenly(tmp_path):
@@ -305,7 +307,7 @@ def test_meta_shards_split_as_meta_and_odd_vocab_unevenly(tmp_path):
   rng = np.random.default_rng(0)  # numpy params of the model's shapes (init would compile)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
                         nn.meta.unbox(abstract_params(cfg)))
-  out = export.save_meta(cfg, params, str(tmp_path / "m"), num_shards=2, dtype="float16")
+  out = export_meta.save_meta(cfg, params, str(tmp_path / "m"), num_shards=2, dtype="float16")
   shards = [torch.load(os.path.join(out, f"consolidated.0{k}.pth"), weights_only=True)
             for k in range(2)]
   shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in shards]
@@ -325,11 +327,11 @@ def test_meta_shards_split_as_meta_and_odd_vocab_unevenly(tmp_path):
 
 
 def test_meta_params_json_matches_meta_releases():
-  assert export.meta_params_json(preset("7b")) == {
+  assert export_meta.meta_params_json(preset("7b")) == {
       "dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-6,
       "vocab_size": 32000}
-  assert export.meta_params_json(preset("65b"))["multiple_of"] == 256
-  assert export.meta_params_json(preset("llama2-70b")) == {
+  assert export_meta.meta_params_json(preset("65b"))["multiple_of"] == 256
+  assert export_meta.meta_params_json(preset("llama2-70b")) == {
       "dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64,
       "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-5, "vocab_size": 32000}
 
@@ -337,7 +339,7 @@ def test_meta_params_json_matches_meta_releases():
 def test_meta_refuses_heads_that_do_not_split(tmp_path):
   _, cfg, params = _base(tmp_path, seed=16, num_key_value_heads=2)
   with pytest.raises(ValueError, match="do not split into 4 model-parallel files"):
-    export.save_meta(cfg, params, str(tmp_path / "m"), num_shards=4)
+    export_meta.save_meta(cfg, params, str(tmp_path / "m"), num_shards=4)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -468,7 +470,7 @@ def test_meta_export_of_a_workdir_carries_its_tokenizer(tokenized_run):
   run = tokenized_run[2]["run"]
   out = _export_run(tokenized_run, "meta")
   assert len(transformers.AutoTokenizer.from_pretrained(out)) == 131 == run.cfg.vocab_size
-  assert export.load_meta(out)[0].vocab_size == 131
+  assert export_meta.load_meta(out)[0].vocab_size == 131
 
 
 def test_generate_without_a_tokenizer_is_a_one_line_error(tmp_path):

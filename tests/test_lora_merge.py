@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import cnllama_jax
-from cnllama_jax import adapters, export, flops, generate, tensor_files
+from cnllama_jax import adapters, export, export_meta, flops, generate, tensor_files
 from cnllama_jax import lora as lora_lib
 from cnllama_jax import model as model_lib
 from cnllama_jax.config import LlamaConfig
@@ -55,8 +55,8 @@ def test_every_merge_path_folds_the_same_delta_as_a_float64_reference(tmp_path):
   peft_dir = adapters.save_peft(CFG, with_adapters, LORA, str(tmp_path / "peft"),
                                 modules_to_save=())
   _, from_peft = adapters.merge_loras(CFG, base, [peft_dir])
-  _, meta = export.load_meta(export.save_meta(CFG, with_adapters, str(tmp_path / "meta"),
-                                              lora=LORA, dtype="float32", num_shards=2))
+  _, meta = export_meta.load_meta(export_meta.save_meta(
+      CFG, with_adapters, str(tmp_path / "meta"), lora=LORA, dtype="float32", num_shards=2))
   paths = {"lora.merge": merged, "save_hf": exported, "merge_loras": _kernels(from_peft),
            "save_meta": _kernels(meta)}
   for name, want in expected.items():
@@ -88,7 +88,7 @@ def test_every_entry_point_names_missing_adapter_config_in_the_same_words(tmp_pa
       "logits": lambda: cnllama_jax.logits(CFG, with_adapters, np.ones((1, 3), np.int32)),
       "generate": lambda: generate.generate(CFG, with_adapters, [[1, 5]], max_new_tokens=1),
       "save_hf": lambda: export.save_hf(CFG, with_adapters, str(tmp_path / "hf")),
-      "save_meta": lambda: export.save_meta(CFG, with_adapters, str(tmp_path / "meta")),
+      "save_meta": lambda: export_meta.save_meta(CFG, with_adapters, str(tmp_path / "meta")),
   }
   for name, call in calls.items():
     with pytest.raises(ValueError) as err:
