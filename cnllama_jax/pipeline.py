@@ -307,7 +307,7 @@ def _answer(config, base, tokenizer_dir: str) -> str:
   from cnllama_jax import generate  # pylint: disable=import-outside-toplevel
   from cnllama_jax.data import build_prompt  # pylint: disable=import-outside-toplevel
   cfg, params = base
-  sp = tok_lib.load_processor(os.path.join(tokenizer_dir, "tokenizer.model"))
+  sp = text_tokenizer.load(tokenizer_dir)  # its tokenizer.model (or a BPE's tokenizer.json)
   prompt = [sp.bos_id()] + sp.encode(build_prompt(config.generate.instruction))
   out = generate.generate(cfg, params, [prompt], max_new_tokens=config.generate.max_new_tokens,
                           temperature=config.generate.temperature, eos_id=sp.eos_id(),

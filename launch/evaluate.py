@@ -5,10 +5,11 @@
   python launch/evaluate.py ceval --model DIR --data CEVAL_DIR --shots 5 --split val --out DIR \
       [--subjects logic,law] [--option_rule context|paper|logits]
 
-The tokenizer defaults to DIR/tokenizer.model. ceval writes summary.json, submission.json (C-Eval's
-format) and predictions.jsonl to --out (published whole: a temp dir renamed into place, or under an
-_INCOMPLETE marker in a bucket). Every path may be a gs:// URL. See cnllama_jax/evaluate.py for the
-windows and cnllama_jax/ceval.py for the prompt and the scoring.
+The tokenizer defaults to DIR/tokenizer.model (else a byte-level BPE DIR/tokenizer.json). ceval
+writes summary.json, submission.json (C-Eval's format) and predictions.jsonl to --out (published
+whole: a temp dir renamed into place, or under an _INCOMPLETE marker in a bucket). Every path may
+be a gs:// URL. See cnllama_jax/evaluate.py for the windows and cnllama_jax/ceval.py for the
+prompt and the scoring.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import jax  # noqa: E402
 from cnllama_jax import ceval, cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
 from cnllama_jax import inference, paths  # noqa: E402
-from cnllama_jax.tokenizer import load_processor  # noqa: E402
+from cnllama_jax.data import text_tokenizer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--model", required=True, help="HF LLaMA directory (config.json + weights)")
-  common.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: "
-                      "MODEL/tokenizer.model)")
+  common.add_argument("--tokenizer", default=None, help="SentencePiece .model, byte-level BPE "
+                      "tokenizer.json or a directory with one (default: MODEL's)")
   common.add_argument("--batch_size", type=int, default=8)
   common.add_argument("--dtype", default=None, help="param dtype, e.g. bfloat16 (default: float32)")
   common.add_argument("--mesh_shape", "--mesh", dest="mesh", default="1,-1,1",
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _tokenizer(args):
-  return load_processor(args.tokenizer or args.model)  # a .model file or a dir with tokenizer.model
+  return text_tokenizer.load(args.tokenizer or args.model)  # a .model / tokenizer.json / a dir
 
 
 def _load_model(args, tokenizer):

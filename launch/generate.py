@@ -8,8 +8,9 @@
   python launch/generate.py --model=LLAMA_HF --lora=PLUS_LORA,ALPACA_LORA --interactive
 
 Prompts use the paper's Alpaca template (`--template=none` feeds raw text, for base LLaMA models),
-encoded as in training: BOS + SentencePiece ids. Sampling defaults are the paper's (temperature
-0.2, top-k 40, top-p 0.9, repetition penalty 1.1, 400 new tokens); `--temperature=0` is greedy.
+encoded as in training: BOS + token ids (SentencePiece, or a byte-level BPE tokenizer.json).
+Sampling defaults are the paper's (temperature 0.2, top-k 40, top-p 0.9, repetition penalty 1.1,
+400 new tokens); `--temperature=0` is greedy.
 
 Chat: the paper's `inference_hf.py --interactive` is single-turn only (each input is templated on
 its own); its gradio demo concatenates the previous turns into the prompt. We do the latter: the
@@ -41,12 +42,13 @@ from cnllama_jax import generate as gen  # noqa: E402
 from cnllama_jax import inference, paths  # noqa: E402
 from cnllama_jax.data import sources  # noqa: E402
 from cnllama_jax.data.encode import build_prompt  # noqa: E402
-from cnllama_jax.tokenizer import load_processor  # noqa: E402
+from cnllama_jax.data import text_tokenizer  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaMA directory (config.json + weights).")
 _LORA = flags.DEFINE_list("lora", [], "PEFT LoRA directories applied to --model in this order.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model (default: tokenizer.model "
-                                 "of the last --lora that has one, else of --model).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model, byte-level BPE "
+                                 "tokenizer.json or a directory with one (default: that of the "
+                                 "last --lora that has one, else of --model).")
 _INPUT = flags.DEFINE_string("input", None, "Instructions: .txt (one per line), .json (Alpaca "
                              "list) or .jsonl (objects with instruction[, input]); local or gs://.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL output for --input, local or gs:// (default: "
@@ -100,14 +102,9 @@ def options_from_flags() -> Options:
 
 
 def tokenizer_path(opts: Options) -> str:
-  """--tokenizer, else the tokenizer.model of the last --lora holding one (as the paper's scripts,
-  whose LoRA releases carry the tokenizer), else --model's."""
-  if opts.tokenizer:
-    return opts.tokenizer
-  for directory in [*reversed(opts.loras), opts.model]:
-    if paths.isfile(paths.join(directory, "tokenizer.model")):
-      return paths.join(directory, "tokenizer.model")
-  raise FileNotFoundError(f"no tokenizer.model in {[*opts.loras, opts.model]}; pass --tokenizer")
+  """--tokenizer, else the tokenizer.model (or byte-level BPE tokenizer.json) of the last --lora
+  holding one (as the paper's scripts, whose LoRA releases carry the tokenizer), else --model's."""
+  return opts.tokenizer or text_tokenizer.find([*reversed(opts.loras), opts.model])
 
 
 class Generator:
@@ -120,9 +117,9 @@ class Generator:
     self.mesh = inference.build_mesh(opts.mesh_shape)
     self.cfg, self.lora, self.params = inference.load_model(
         opts.model, loras=opts.loras, merge=opts.merge_lora, mesh=self.mesh, dtype=opts.dtype)
-    self.sp = load_processor(tokenizer_path(opts))
-    if self.sp.get_piece_size() > self.cfg.vocab_size:
-      raise ValueError(f"the tokenizer has {self.sp.get_piece_size()} pieces but the model's "
+    self.sp = text_tokenizer.load(tokenizer_path(opts))  # SentencePiece or byte-level BPE
+    if self.sp.vocab_size() > self.cfg.vocab_size:
+      raise ValueError(f"the tokenizer has {self.sp.vocab_size()} pieces but the model's "
                        f"vocabulary is {self.cfg.vocab_size}: pass the model's own tokenizer")
     self.rng = jax.random.key(opts.seed)
     merged = f" + LoRA {', '.join(opts.loras)}" if opts.loras else ""

@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--lora", default="", help="comma-separated PEFT LoRA directories, in order")
   parser.add_argument("--merge_lora", default=True, action=argparse.BooleanOptionalAction,
                       help="merge the LoRAs (default) or keep the last one unmerged")
-  parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: "
-                      "tokenizer.model of the last --lora holding one, else of --model)")
+  parser.add_argument("--tokenizer", default=None, help="SentencePiece .model, byte-level BPE "
+                      "tokenizer.json or a directory with one (default: tokenizer.model or "
+                      "tokenizer.json of the last --lora holding one, else of --model)")
   parser.add_argument("--model_name", default=None, help="model id in the API (default: the "
                       "--model directory's name)")
   parser.add_argument("--template", choices=["alpaca", "llama2"], default="alpaca",
@@ -48,22 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tokenizer_path(model: str, loras: list[str], explicit: str | None) -> str:
-  if explicit:
-    return explicit
-  for directory in [*reversed(loras), model]:
-    if os.path.isfile(os.path.join(directory, "tokenizer.model")):
-      return os.path.join(directory, "tokenizer.model")
-  raise FileNotFoundError(f"no tokenizer.model in {[*loras, model]}; pass --tokenizer")
+  from cnllama_jax.data import text_tokenizer  # noqa: E402
+  return explicit or text_tokenizer.find([*reversed(loras), model])
 
 
 def build(args):
   """(app, engine) for the parsed arguments; the engine is started."""
   from cnllama_jax import engine as engine_lib, inference, serve  # noqa: E402
-  from cnllama_jax.tokenizer import load_processor  # noqa: E402
+  from cnllama_jax.data import text_tokenizer  # noqa: E402
   if args.slots < 1:
     raise ValueError(f"--slots={args.slots}; expected >= 1")
   loras = [p for p in args.lora.split(",") if p]
-  tokenizer = load_processor(tokenizer_path(args.model, loras, args.tokenizer))
+  tokenizer = text_tokenizer.load(tokenizer_path(args.model, loras, args.tokenizer))
   mesh = inference.build_mesh(inference.parse_mesh_shape(args.mesh_shape))
   cfg, lora, params = inference.load_model(args.model, loras=loras, merge=args.merge_lora,
                                            mesh=mesh, dtype=args.dtype)

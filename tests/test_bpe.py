@@ -401,3 +401,58 @@ def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
       assert embed.shape[0] % 128 == 0 and not embed[result.num_pieces:].any()
     previous = pipeline.trained_params(out)
   assert set(first_loss) == {"stage1", "sft"}
+
+
+def _launch(name: str):
+  """launch/NAME.py as a module (registered in sys.modules: its dataclasses look it up there)."""
+  import sys
+  spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_generate_and_serve_find_and_use_a_bpe_tokenizer(built, tmp_path):
+  """A tiny-llama3 exported with a byte-level BPE tokenizer: launch/generate.py and
+  launch/serve.py find its tokenizer.json (after a --lora without a tokenizer; tokenizer.model
+  wins where both are); generate.py's prompt ids are tokenizers' own encode after
+  <|begin_of_text|> and its answer is tokenizers' decode of the ids it generated (one compile:
+  the ids come from its own on_token)."""
+  import jax
+  import numpy as np
+  from cnllama_jax import export
+  from cnllama_jax import model as model_lib
+  from cnllama_jax.config import preset
+  _, base, _, _ = built
+  own = Tokenizer.from_file(str(base / "tokenizer.json"))
+  cfg = preset("tiny-llama3", vocab_size=BASE_VOCAB + len(SPECIALS))
+  rng = np.random.default_rng(5)  # numpy params: a flax init here costs seconds of eager ops
+  params = jax.tree_util.tree_map_with_path(
+      lambda key, s: np.ones(s.shape, s.dtype) if "norm" in jax.tree_util.keystr(key) else
+      rng.normal(0, 0.02, s.shape).astype(s.dtype),
+      jax.eval_shape(lambda k: model_lib.init_params(cfg, k), jax.random.key(0)))
+  path = Path(export.save_hf(cfg, params, str(tmp_path / "m"), tokenizer_dir=str(base)))
+  assert not (path / "tokenizer.model").exists()
+  lora = tmp_path / "lora"
+  lora.mkdir()
+  generate, serve = _launch("generate"), _launch("serve")
+  want = str(path / "tokenizer.json")
+  assert generate.tokenizer_path(generate.Options(model=str(path), loras=(str(lora),))) == want
+  assert serve.tokenizer_path(str(path), [str(lora)], None) == want
+  (lora / "tokenizer.model").write_bytes(b"")  # only looked up here, never loaded
+  assert serve.tokenizer_path(str(path), [str(lora)], None) == str(lora / "tokenizer.model")
+  with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in"):
+    serve.tokenizer_path(str(tmp_path), [], None)
+
+  generator = generate.Generator(generate.Options(model=str(path), template="none",
+                                                  temperature=0.0, max_new_tokens=8))
+  assert isinstance(generator.sp, text_tokenizer.BpeTokenizer)
+  prompt = "The weather in 北京"
+  ids = [500] + own.encode(prompt, add_special_tokens=False).ids
+  assert generator.encode(prompt) == ids and len(ids) > 3
+  new = []
+  answer = generator([prompt], on_token=lambda step: new.append(step[0]))
+  assert len(new) == 8 and all(t is None or 0 <= t < BASE_VOCAB + len(SPECIALS) for t in new)
+  text = own.decode([t for t in new if t not in (None, 501)], skip_special_tokens=False).strip()
+  assert answer == [text] and text

@@ -9,6 +9,7 @@ same ones, its BOS / EOS / pad tokens named by the `tokenizer_config.json` (or
 `special_tokens_map.json`) beside it, as `transformers.AutoTokenizer` reads them.
 
   load(path)      -> TextTokenizer   (a .model, a tokenizer.json, or a directory; local or gs://)
+  find(directories) -> str           (the first directory's tokenizer.model, else tokenizer.json)
   pad_id(tokenizer) -> int           (the pad token: [PAD] / pad_token; 0 without one)
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from cnllama_jax import tokenizer as tokenizer_lib
 
 ROLES = ("bos_token", "eos_token", "pad_token")
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+FILES = ("tokenizer.model", "tokenizer.json")  # what `find` looks for in a directory, in order
 
 
 class TextTokenizer(Protocol):
@@ -113,6 +115,17 @@ def load(path: str | os.PathLike) -> TextTokenizer:
   name = paths.join(directory, "tokenizer.json") if paths.isdir(path) else os.fspath(path)
   return BpeTokenizer(Tokenizer.from_str(json.dumps(doc)), bpe.size(doc), _role_tokens(directory),
                       name)
+
+
+def find(directories: Sequence[str | os.PathLike]) -> str:
+  """The tokenizer file of the first directory holding one: its ``tokenizer.model`` (as
+  `tokenizer.base_kind`, SentencePiece wins when both are there), else its ``tokenizer.json``."""
+  for directory in directories:
+    for name in FILES:
+      if paths.isfile(paths.join(directory, name)):
+        return paths.join(directory, name)
+  raise FileNotFoundError(f"no {' or '.join(FILES)} in {[os.fspath(d) for d in directories]}; "
+                          "pass --tokenizer")
 
 
 def pad_id(tokenizer: TextTokenizer) -> int:
