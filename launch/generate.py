@@ -40,9 +40,8 @@ import jax  # noqa: E402
 from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import generate as gen  # noqa: E402
 from cnllama_jax import inference, paths  # noqa: E402
-from cnllama_jax.data import sources  # noqa: E402
+from cnllama_jax.data import sources, text_tokenizer  # noqa: E402
 from cnllama_jax.data.encode import build_prompt  # noqa: E402
-from cnllama_jax.data import text_tokenizer  # noqa: E402
 
 _MODEL = flags.DEFINE_string("model", None, "Hugging Face LLaMA directory (config.json + weights).")
 _LORA = flags.DEFINE_list("lora", [], "PEFT LoRA directories applied to --model in this order.")
