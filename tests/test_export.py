@@ -483,7 +483,7 @@ def test_generate_without_a_tokenizer_is_a_one_line_error(tmp_path):
                        text=True, timeout=300, cwd=REPO)
   assert run.returncode == 1
   lines = run.stderr.strip().splitlines()
-  assert lines[-1] == f"error: no tokenizer.model in ['{out}']; pass --tokenizer"
+  assert lines[-1] == f"error: no tokenizer.model or tokenizer.json in ['{out}']; pass --tokenizer"
   assert "Traceback" not in run.stderr
 
 
