@@ -19,7 +19,11 @@ shows every stored figure with the commit it was made at, marked when the code h
 A cell takes seconds to many minutes to compile, so the script is resumable: every finished cell is
 stored at once in bench/aot_table.json (beside this file) with the commit, the code it was made
 from (git blob hashes of the cnllama_jax modules `aot` imports and of configs/; jax and libtpu
-versions) and the compiler's figures, and is skipped on a rerun while that code is unchanged.
+versions), the hash of the program it compiled (`aot.program_hash`: StableHLO without source
+locations) and the compiler's figures. A rerun skips a cell while that code is unchanged; when the
+files changed, it lowers the cell again (seconds) and keeps the cell, marked verified at the
+current commit, if the program is the same (a change that never reaches the TPU program, e.g. to
+data loading or the CPU attention kernel, costs no compile).
 The table shows only cells made from the current code; the others say "not regenerated".
 `--write_readme` replaces the table between the README's `<!-- aot_table:begin -->` and
 `<!-- aot_table:end -->` markers.
@@ -120,12 +124,9 @@ def long_overrides(config, topology: str, seq: int, attention: str) -> dict:
           "first_micro_batches": max(1, rows * seq // (chips * TOKENS_PER_CHIP))}
 
 
-def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
-                 attention: str | None = None) -> dict:
-  """Compiles one cell (smallest accumulation that fits, doubling from the config's or, for a
-  long-context cell, from `long_overrides`) and returns its stored record."""
-  from cnllama_jax import aot  # pylint: disable=import-outside-toplevel
-  attempts = []
+def cell_config(model: str, stage: str, topology: str, seq: str | None = None,
+                attention: str | None = None):
+  """(config, extra record fields) of a cell before the accumulation search."""
   config = stage_config(stage, model)
   extra = {}
   if seq is not None:
@@ -134,6 +135,41 @@ def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
       config.train.seq_len = extra["seq_len"]
       config.train.micro_batches = extra["first_micro_batches"]
       config.model.attention, config.model.lm_head_chunk = attention, LONG_HEAD_CHUNK
+  return config, extra
+
+
+def program_hash(cell_key: str, micro_batches: int) -> str:
+  """aot.program_hash of a cell's train step at `micro_batches`, lowered from the current code
+  (seconds; nothing is compiled)."""
+  from cnllama_jax import aot, plan as plan_lib  # pylint: disable=import-outside-toplevel
+  model, stage, topology, *long = cell_key.split(":")
+  config, _ = cell_config(model, stage, topology, *long)
+  with config.unlocked():
+    config.train.micro_batches = micro_batches
+  _, devices = aot.tpu_devices(topology)
+  return aot.program_hash(aot.lower(plan_lib.plan(config, plan_lib.build_mesh(config, devices))))
+
+
+def reverify(cell_key: str, cell: dict | None, version: dict) -> bool:
+  """True when a finished cell made from other source files still stands: same jax and libtpu,
+  and the current code lowers its train step (at its accumulation) to the very program it
+  compiled. Then the cell is marked current (`code`, and `verified_at` the commit)."""
+  if (not is_done(cell) or not cell.get("program_hash") or version["code"] is None
+      or any(cell.get(k) != version[k] for k in ("jax", "libtpu"))):
+    return False
+  if program_hash(cell_key, cell["micro_batches"]) != cell["program_hash"]:
+    return False
+  cell.update(code=version["code"], verified_at=version["commit"])
+  return True
+
+
+def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
+                 attention: str | None = None) -> dict:
+  """Compiles one cell (smallest accumulation that fits, doubling from the config's or, for a
+  long-context cell, from `long_overrides`) and returns its stored record."""
+  from cnllama_jax import aot  # pylint: disable=import-outside-toplevel
+  attempts = []
+  config, extra = cell_config(model, stage, topology, seq, attention)
   start = time.perf_counter()
   ends = []  # when each try's compile ended
 
@@ -149,6 +185,7 @@ def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
                "why": r.oom or f"{gib(r.total_bytes)} GiB > {gib(r.hbm_bytes)} GiB"}
               for r, t in zip(attempts, seconds) if not r.fits]
   return {"micro_batches": report.micro_batches, "fits": report.fits,
+          "program_hash": report.program_hash,
           "total_gib": gib(report.total_bytes), "argument_gib": gib(report.argument_bytes),
           "temp_gib": gib(report.temp_bytes), "output_gib": gib(report.output_bytes),
           "hbm_gib": gib(report.hbm_bytes), "oom": report.oom, "rejected": rejected,
@@ -156,15 +193,22 @@ def compile_cell(model: str, stage: str, topology: str, seq: str | None = None,
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 
+def _figure(cell: dict) -> str:
+  """'9.65 GiB, accum 16, fits', or 'does not fit at accum 64 (<what the compiler said>)'."""
+  if not cell["oom"] and cell["fits"]:
+    return f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
+  figure = f"does not fit at accum {cell['micro_batches']}"
+  if cell["oom"]:
+    figure += f" ({cell['oom'].replace('Ran out of memory on HBM, the ', '')})"
+  return figure
+
+
 def format_cell(cell: dict | None, version: dict) -> str:
   """The figure of a cell made from the current code; a cell made from other code is marked
   "not regenerated" with its old figure and commit (never shown as current)."""
   if cell is None:
     return NOT_REGENERATED
-  if cell["oom"] or not cell["fits"]:
-    figure = f"does not fit (accum {cell['micro_batches']})"
-  else:
-    figure = f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
+  figure = _figure(cell)
   if is_current(cell, version):
     return figure
   return f"{NOT_REGENERATED} (was {figure.replace(', fits', '')} at {cell['commit'][:8]})"
@@ -233,12 +277,7 @@ def format_long_cell(cell: dict | None, version: dict) -> str:
   if not is_done(cell):
     return (f"not compiled: started {cell['started']} at {cell['commit'][:8]}, no result "
             "(stopped or still running)")
-  if cell["oom"] or not cell["fits"]:
-    figure = f"does not fit at accum {cell['micro_batches']}"
-    if cell["oom"]:
-      figure += f" ({cell['oom'].replace('Ran out of memory on HBM, the ', '')})"
-  else:
-    figure = f"{cell['total_gib']:.2f} GiB, accum {cell['micro_batches']}, fits"
+  figure = _figure(cell)
   note = "" if is_current(cell, version) else ", code changed since"
   seconds = cell["compile_seconds"]
   took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
@@ -293,6 +332,11 @@ def main(argv=None) -> int:
             "are stored but never shown as current; commit first", file=sys.stderr)
     todo = [k for k in selected(args.cells)
             if not (is_done(results.get(k)) and is_current(results[k], version))]
+    still = [k for k in todo if reverify(k, results.get(k), version)]  # same program: no compile
+    if still:
+      save_results(args.results, results)
+      print(f"{len(still)} cell(s) lower to the program they compiled: {', '.join(still)}")
+    todo = [k for k in todo if k not in still]
     print(f"{len(todo)} cell(s) to compile: {', '.join(todo) or '-'}", flush=True)
     for number, cell_key in enumerate(todo, 1):
       print(f"[{number}/{len(todo)}] {cell_key} ...", flush=True)

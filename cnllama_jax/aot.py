@@ -9,6 +9,7 @@ body once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 
@@ -67,6 +68,7 @@ class Report:
   flops_per_step: float
   step_seconds_at_peak: float
   oom: str = ""  # the compiler's message when it refused the program for lack of HBM
+  program_hash: str = ""  # program_hash() of what was compiled
 
   @property
   def total_bytes(self) -> int:
@@ -100,18 +102,27 @@ def lower(p: plan_lib.Plan):
   return train_step.lower(p.frozen, p.state, p.batch)
 
 
+def program_hash(lowered) -> str:
+  """sha1 (16 hex digits) of a lowered program's StableHLO without source locations: what a
+  compiled figure is a function of besides the jax and libtpu versions (unlike a hash of the
+  source files, it does not change when code that does not reach the program does)."""
+  return hashlib.sha1(lowered.as_text(debug_info=False).encode()).hexdigest()[:16]
+
+
 def compile_report(config, topology: str) -> Report:
   """Lowers and compiles the train step for `topology`; reads the per-chip memory."""
   gen, devices = tpu_devices(topology)
   p = plan_lib.plan(config, plan_lib.build_mesh(config, devices))
+  lowered = lower(p)
   tokens = config.train.global_batch_size * config.train.seq_len
   step_flops = tokens * flops.train_flops_per_token(p.cfg, config.train.seq_len, p.lora,
                                                     lora_lib.STAGES[p.stage])
   common = dict(topology=topology, chips=len(devices), micro_batches=config.train.micro_batches,
                 hbm_bytes=HBM_BYTES[gen], flops_per_step=step_flops,
-                step_seconds_at_peak=step_flops / (PEAK_BF16[gen] * len(devices)))
+                step_seconds_at_peak=step_flops / (PEAK_BF16[gen] * len(devices)),
+                program_hash=program_hash(lowered))
   try:
-    compiled = lower(p).compile()
+    compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

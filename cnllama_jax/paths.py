@@ -11,7 +11,6 @@ what epath lacks:
     still holds one (`check_complete`); locally it still writes into a temp sibling and renames.
     `write_text` / `write_bytes` replace one file atomically (temp + rename locally; an object
     upload is atomic by itself).
-  - multi-host: `is_writer()` (process 0 writes each shared file) and `process_tag()` for logs.
   - one-line errors: a failed request on a URL becomes a `StorageError` naming it and the retries
     spent (bounded by `storage_retries`).
 """
@@ -228,39 +227,6 @@ class RangeFile:
 
 # --- writing -------------------------------------------------------------------------------------
 
-def is_writer() -> bool:
-  """True in the process that writes shared files (process 0)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.process_index() == 0
-
-
-def process_tag() -> str:
-  """'process 2/8' for log lines."""
-  import jax  # pylint: disable=import-outside-toplevel
-  return f"process {jax.process_index()}/{jax.process_count()}"
-
-
-class _ProcessTag(logging.Filter):
-  def __init__(self, tag: str):
-    super().__init__()
-    self.tag = tag
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if not str(record.msg).startswith(self.tag):
-      record.msg = f"{self.tag}: {record.msg}"
-    return True
-
-
-def tag_logs_with_process() -> None:
-  """Prefixes every log line with 'process i/n' when the run spans several processes (for
-  entry points, after jax.distributed.initialize)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() > 1:
-    for handler in logging.getLogger().handlers:
-      if not any(isinstance(f, _ProcessTag) for f in handler.filters):
-        handler.addFilter(_ProcessTag(process_tag()))
-
-
 @_names_the_url
 def makedirs(url: PathLike) -> None:
   path(url).mkdir(parents=True, exist_ok=True)
@@ -337,7 +303,8 @@ def publish_dir(out_dir: PathLike, overwrite: bool = False) -> Iterator[str]:
   if _nonempty(path(out)) and not overwrite:
     raise FileExistsError(f"{out}: already exists and is not empty; choose a new directory or "
                           "pass overwrite=True (--overwrite)")
-  if not is_writer():
+  from cnllama_jax.processes import is_writer  # pylint: disable=import-outside-toplevel
+  if not is_writer():  # jax is imported only here: tokenizer tools use paths without it
     yield out
     return
   if is_local(out):

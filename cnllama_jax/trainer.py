@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from cnllama_jax import build as build_lib, checkpoint, flops, lora as lora_lib, paths
-from cnllama_jax import plan as plan_lib, preemption as preemption_lib, run_data
+from cnllama_jax import plan as plan_lib, preemption as preemption_lib, processes, run_data
 from cnllama_jax import sharding as shd, writers as writers_lib
 from cnllama_jax.data import Loader
 
@@ -63,7 +63,7 @@ def prepare_workdir(workdir: str, config) -> None:
   except OSError as err:
     raise checkpoint.CheckpointError(f"workdir {workdir} is not writable: "
                                      f"{' '.join(str(err.strerror or err).split())}") from None
-  if paths.is_writer():
+  if processes.is_writer():
     paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 

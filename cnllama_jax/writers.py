@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Protocol
 
-from cnllama_jax import paths
+from cnllama_jax import paths, processes
 
 HISTORY = "metrics.jsonl"  # one JSON object per logged step, rewritten on resume
 
@@ -54,7 +54,7 @@ class ConsoleWriter:
     self.total, self.description, self.progress = total_steps, description, progress
     self.bar = None
     import jax  # pylint: disable=import-outside-toplevel
-    self.tag = paths.process_tag() if jax.process_count() > 1 else ""  # 'process 1/8: step ...'
+    self.tag = processes.process_tag() if jax.process_count() > 1 else ""  # 'process 1/8: step ...'
 
   def _bar(self):
     if self.bar is None and self.progress:
@@ -181,6 +181,6 @@ def for_run(workdir: str, total_steps: int, description: str = "train",
   """The console on every process; on the writing process (0) also TensorBoard and
   metrics.jsonl (local or gs://)."""
   writers = [ConsoleWriter(total_steps, description, progress)]
-  if paths.is_writer():
+  if processes.is_writer():
     writers += [TensorBoardWriter(workdir), JsonlWriter(workdir)]
   return Writers(writers)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from cnllama_jax import ceval, cli  # noqa: E402
+from cnllama_jax import ceval, ceval_scoring, cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
 from cnllama_jax import inference, paths  # noqa: E402
 from cnllama_jax.data import text_tokenizer  # noqa: E402
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
   data = ceval.load_ceval(args.data, args.split, args.shots, subjects)  # all files checked first
   tokenizer = _tokenizer(args)
   cfg, params, mesh = _load_model(args, tokenizer)
-  scorer = ceval.model_scorer(cfg, params, mesh=None if mesh.size == 1 else mesh)
+  scorer = ceval_scoring.model_scorer(cfg, params, mesh=None if mesh.size == 1 else mesh)
   result = ceval.evaluate_ceval(
       scorer, tokenizer, data, split=args.split, shots=args.shots,
       max_length=args.max_length or cfg.max_position_embeddings, batch_size=args.batch_size,

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from cnllama_jax import build, checkpoint, cli, paths, pipeline, plan as plan_lib  # noqa: E402
-from cnllama_jax import run_data, trainer, writers as writers_lib  # noqa: E402
+from cnllama_jax import processes, run_data, trainer, writers as writers_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<x>.py[:preset].",
                                           lock_config=True)
@@ -135,14 +135,14 @@ def _main(argv) -> None:
   if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
     workdir = _require_workdir()
     maybe_initialize_distributed()
-    paths.tag_logs_with_process()
+    processes.tag_logs_with_process()
     pipeline.run(config, workdir, verbose=_VERBOSE.value)
     return
   workdir = "" if config.dry_run else _require_workdir()
   trainer.check_paths(config)
   if not config.dry_run:
     maybe_initialize_distributed()
-    paths.tag_logs_with_process()
+    processes.tag_logs_with_process()
   plan = plan_lib.plan(config)  # abstract: nothing allocated yet
   if config.dry_run:
     print_dry_run(plan)

@@ -49,6 +49,29 @@ def test_cells_are_stored_one_by_one_and_skipped_on_rerun(table_script, tmp_path
   assert compiled == []  # both current: nothing compiled again
 
 
+def test_a_cell_whose_program_is_unchanged_is_kept_without_a_compile(table_script, tmp_path,
+                                                                     monkeypatch):
+  """Source files changed (another `code`): the cell is lowered again; the same program hash keeps
+  it (marked current, verified at this commit), another one recompiles it."""
+  module, compiled = table_script
+  lowered = []
+  monkeypatch.setattr(module, "program_hash",
+                      lambda key, micro: lowered.append((key, micro)) or f"hash-of-{key}")
+  results = tmp_path / "cells.json"
+  old = {"micro_batches": 4, "fits": True, "total_gib": 9.0, "oom": "", **VERSION,
+         "code": "older", "commit": "old1"}
+  results.write_text(json.dumps({
+      "7b:sft:v5e-16": {**old, "program_hash": "hash-of-7b:sft:v5e-16"},
+      "13b:sft:v4-32": {**old, "program_hash": "another program"},
+      "7b:sft:v4-32": {**old, "program_hash": "hash-of-7b:sft:v4-32", "libtpu": "0.0.1"}}))
+  module.main(["--cells", "7b:sft:v5e-16,13b:sft:v4-32,7b:sft:v4-32", "--results", str(results)])
+  assert sorted(lowered) == [("13b:sft:v4-32", 4), ("7b:sft:v5e-16", 4)]  # not the other libtpu
+  assert compiled == ["7b:sft:v4-32", "13b:sft:v4-32"]
+  kept = json.loads(results.read_text())["7b:sft:v5e-16"]
+  assert (kept["code"], kept["verified_at"], kept["commit"], kept["total_gib"]) == (
+      "c0de", "abc123", "old1", 9.0)
+
+
 def test_readme_table_shows_only_cells_of_the_current_code(table_script, tmp_path):
   module, _ = table_script
   results = tmp_path / "cells.json"
@@ -69,7 +92,7 @@ def test_readme_table_shows_only_cells_of_the_current_code(table_script, tmp_pat
       "| 7B | pretrain_stage1 | 9.39 GiB, accum 2, fits | not regenerated | not regenerated |")
   assert rows["| 7B | sft"].startswith(  # made from other code: never shown as current
       "| 7B | sft | not regenerated (was 10.70 GiB, accum 2 at abc123) |")
-  assert rows["| 33B | sft"].startswith("| 33B | sft | does not fit (accum 2) |")
+  assert rows["| 33B | sft"].startswith("| 33B | sft | does not fit at accum 2 (Ran out) |")
   assert ("at commit abc123 (jax 0.10.2, libtpu 0.0.52): 2 of 27 cells compiled from this code "
           "(at abc123)") in text
 

@@ -19,7 +19,7 @@ import pytest
 import sentencepiece as spm
 
 import cnllama_jax
-from cnllama_jax import ceval
+from cnllama_jax import ceval, ceval_scoring
 from cnllama_jax import evaluate as ev
 from tests import hf_models
 
@@ -255,7 +255,7 @@ def hf_last(tiny):
 def test_predictions_and_scores_equal_transformers(sp, tiny, hf_last, rule):
   _, _, cfg, params = tiny
   data = ceval.load_ceval(CEVAL, "val", shots=5)
-  result = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, shots=5, max_length=1024,
+  result = ceval.evaluate_ceval(ceval_scoring.model_scorer(cfg, params), sp, data, shots=5, max_length=1024,
                                 batch_size=4, option_rule=rule)
   got = {(r["subject"], r["id"]): r for r in result.records}
   assert len({r["prediction"] for r in result.records}) >= 3  # the letters vary with the question
@@ -285,7 +285,7 @@ def test_paper_rule_scores_with_the_papers_repetition_penalty(sp, tiny):
   from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
   model, _, cfg, params = tiny
   data = ceval.load_ceval(CEVAL, "val", shots=0)
-  result = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, shots=0, max_length=1024,
+  result = ceval.evaluate_ceval(ceval_scoring.model_scorer(cfg, params), sp, data, shots=0, max_length=1024,
                                 batch_size=4, option_rule="paper")
   got = {(r["subject"], r["id"]): r for r in result.records}
   penalty = RepetitionPenaltyLogitsProcessor(penalty=1.1)
@@ -323,7 +323,7 @@ def test_cli_ceval_on_a_mesh_matches_the_api(cli, sp, tiny, tmp_path, capsys):
             "--out", str(tmp_path), "--subjects", "logic,computer_network", "--batch_size", "4"])
   assert rc == 0, capsys.readouterr().err
   data = ceval.load_ceval(CEVAL, "val", 5, ["logic", "computer_network"])
-  api = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, max_length=1024,
+  api = ceval.evaluate_ceval(ceval_scoring.model_scorer(cfg, params), sp, data, max_length=1024,
                              batch_size=4)
   assert json.loads((tmp_path / "submission.json").read_text(encoding="utf-8")) == api.submission
   summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
@@ -395,11 +395,11 @@ def test_ceval_on_a_2x2x2_sharded_model_equals_unsharded_predictions(sp, tiny, t
   from cnllama_jax import inference, sharding as shd
   _, path, cfg, params = tiny
   data = ceval.load_ceval(CEVAL, "val", 5)
-  one = ceval.evaluate_ceval(ceval.model_scorer(cfg, params), sp, data, max_length=1024,
+  one = ceval.evaluate_ceval(ceval_scoring.model_scorer(cfg, params), sp, data, max_length=1024,
                              batch_size=4)
   mesh = shd.make_mesh((2, 2, 2))
   cfg_m, _, params_m = inference.load_model(path, mesh=mesh)
-  scorer = ceval.model_scorer(cfg_m, params_m, mesh=mesh)
+  scorer = ceval_scoring.model_scorer(cfg_m, params_m, mesh=mesh)
   sharded = ceval.evaluate_ceval(scorer, sp, data, max_length=1024, batch_size=4)
   assert sharded.submission == one.submission
   np.testing.assert_allclose([r["scores"] for r in sharded.records],

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from cnllama_jax import paths
+from cnllama_jax import paths, processes
 
 logger = logging.getLogger(__name__)
 INFO_FILE = "dataset_info.json"  # written last by tfds into a finished build directory
@@ -100,7 +100,7 @@ def build_once(remote_build: str, local_root: str, local_build: str,
   Returns:
     `build_local(local_root)`'s result, read from this host's local mirror.
   """
-  writer = paths.is_writer() if writer is None else writer
+  writer = processes.is_writer() if writer is None else writer
   result, error = None, None
   if writer:
     try:
