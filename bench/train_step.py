@@ -267,11 +267,11 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
     return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                        rngs={"dropout": rng})
 
-  def loss_fn(trainable, frozen, batch):
-    logits = logits_fn(trainable, frozen, batch)
+  def loss_fn(trainable, frozen, batch):  # as the step computes it (train.model_loss)
     labels = jnp.concatenate([batch["labels"][:, 1:], jnp.full_like(batch["labels"][:, :1],
                                                                    -100)], axis=1)
-    loss, _, count = train_lib.cross_entropy(logits, labels)
+    loss, _, count = train_lib.model_loss(model, lora_lib.combine(frozen, trainable), batch,
+                                          labels, {"dropout": rng})
     return loss / count
 
   cfg = run.cfg
@@ -279,8 +279,9 @@ def profile(ours: Ours, rounds: int, top: int, trace_only: bool = False) -> None
   head = state.trainable["lm_head"]
   labels = jnp.asarray(ours.batch["labels"]).reshape(-1)
 
-  def head_loss(head, x):
-    loss, _, count = train_lib.cross_entropy((x @ head)[None], labels[None])
+  def head_loss(head, x):  # the CPU's fused head + loss (train.model_loss)
+    loss, _, count = train_lib.fused_head_cross_entropy(x[None], head, labels[None],
+                                                        cfg.vocab_size)
     return loss / count
 
   def head_matmuls(head, x):  # the LM head's three GEMMs (forward, d input, d head), nothing else

@@ -6,6 +6,7 @@ A: [in, r] (Kaiming-uniform, as PEFT) and B: [r, out] (zeros), so a fresh adapte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -113,6 +114,35 @@ STAGES: dict[str, frozenset[str]] = {
     "full": frozenset({"embed", "head", "base", "lora"}),
     "lora+new_rows": frozenset({"lora", "embed", "head"}),  # only appended vocabulary rows train
 }
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """The adapter's output (x a) b * scale, x: [batch, length, in], a: [in, r], b: [r, out], with
+  a backward pass written for the CPU: its GEMMs want the contracted (token) axis of a left-hand
+  operand in the minor position, and autodiff's gradient of b contracts the [tokens, out]
+  cotangent from the left, so XLA copies it transposed (per projection, as large as the
+  activation). Here both weight gradients contract a [tokens, r] operand from the left instead.
+  Same values as autodiff (up to summation order)."""
+  return _delta_forward(x, a, b, scale)[0]
+
+
+def _delta_forward(x, a, b, scale):
+  h = jnp.einsum("bli,ir->blr", x, a)  # [batch, length, r]
+  return jnp.einsum("blr,ro->blo", h, b) * jnp.asarray(scale, x.dtype), (x, a, b, h)
+
+
+def _delta_backward(scale, residuals, cotangent):
+  x, a, b, h = residuals
+  g = cotangent * jnp.asarray(scale, cotangent.dtype)  # [batch, length, out]
+  d_b = jnp.einsum("blr,blo->ro", h, g)  # [r, out]
+  d_h = jnp.einsum("blo,ro->blr", g, b)  # [batch, length, r]
+  d_a = jnp.einsum("blr,bli->ri", d_h, x).T  # [in, r], contracted with the small d_h on the left
+  d_x = jnp.einsum("blr,ir->bli", d_h, a)
+  return d_x, d_a, d_b
+
+
+delta.defvjp(_delta_forward, _delta_backward)
 
 
 def param_group(path: str) -> str:

@@ -44,7 +44,7 @@ from cnllama_jax import rope
 from cnllama_jax import sharding as shd
 from cnllama_jax.config import LlamaConfig
 from cnllama_jax.lora import LoraConfig, kaiming_uniform_a, lora_for
-from cnllama_jax.lora import dropout as lora_dropout
+from cnllama_jax.lora import delta as lora_delta, dropout as lora_dropout
 from cnllama_jax.lora import lora_from_params  # noqa: F401  (its old home; defined in lora.py)
 
 Array = jax.Array
@@ -90,8 +90,11 @@ class Dense(_Module):
       h = x
       if self.lora.dropout > 0 and not self.deterministic:
         h = lora_dropout(h, self.make_rng("dropout"), self.lora.dropout)
-      h = jnp.dot(h.astype(dtype), lora_a.astype(dtype))  # [..., r]
-      y = y + jnp.dot(h, lora_b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
+      a, b = lora_a.astype(dtype), lora_b.astype(dtype)
+      if x.ndim == 3 and attention_lib.platform_of(self.mesh) == "cpu":  # CPU-friendly backward
+        return y + lora_delta(h.astype(dtype), a, b, self.lora.scale)
+      h = jnp.dot(h.astype(dtype), a)  # [..., r]
+      y = y + jnp.dot(h, b) * jnp.asarray(self.lora.scale, dtype)
     return y
 
 
