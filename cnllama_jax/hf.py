@@ -5,8 +5,9 @@ is read with ranged reads of just its bytes, from a local file or a bucket (`gs:
 whole file (torch's `[out, in]` weights transposed to our `[in, out]`, per-layer tensors stacked
 on the layer axis, the vocabulary padded with zero rows). Each shard is read into a 64-byte
 aligned host buffer in our layout, which the CPU backend adopts as the array's buffer (on an
-accelerator it is copied to the device and dropped), so beyond the params it returns a host holds
-one read block at a time (plus, on an accelerator, one shard being copied).
+accelerator it is copied to the device and dropped). Reads run as jobs of at most 4 MB on a few
+threads (file reads, ranged GETs and the transposes overlap), so beyond the params it returns a
+host holds a few read blocks (plus, on an accelerator, one shard being copied).
 """
 from __future__ import annotations
 
@@ -117,19 +118,20 @@ def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
 
 
 _ALIGN = 64  # jax on CPU adopts a host buffer aligned like this without copying it
-_HUGE_BYTES = 1 << 20  # buffers from this size on are mapped with huge pages
+_MAPPED_BYTES = 1 << 20  # buffers from this size on are anonymous mappings of their own
 _BLOCK_BYTES = 4 << 20  # the most one read job reads (and, transposed, holds) at a time
 _READ_WORKERS = 4  # read jobs in flight at once (reads and transposes release the GIL)
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
   """np.zeros(shape, dtype) whose buffer starts on a 64-byte boundary, so that device_put on the
-  CPU backend uses it as the array's buffer (no copy). A large one is an anonymous mapping
-  advised to use huge pages (where the kernel grants them, first writes into fresh memory fault
-  2 MB at a time, not 4 KB)."""
+  CPU backend uses it as the array's buffer (no copy). A large one is a private anonymous
+  mapping of its own (unmapped with the last array on it): first writes into it fault 4 KB pages
+  ~1.5x faster than into a shared mapping (shmem), and on a VM that returns freed memory to its
+  host, steadily so, where huge pages ran 0.3-10 GB/s (bench/hf_import.py, 2 cores)."""
   nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-  if nbytes >= _HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zeroed, page-aligned; unmapped with the last array on it
+  if nbytes >= _MAPPED_BYTES and hasattr(mmap, "MAP_PRIVATE"):
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zeroed
     return np.frombuffer(memory, np.uint8).view(dtype).reshape(shape)
   raw = np.zeros(nbytes + _ALIGN, np.uint8)
   start = -raw.ctypes.data % _ALIGN
