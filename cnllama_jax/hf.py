@@ -221,9 +221,10 @@ def _read_shard(reader: _Reader, leaf: Leaf, cfg: LlamaConfig, shape, index,
   keys = [leaf.hf_key if layer is None else leaf.hf_key.format(layer=layer) for layer in layers]
   # A job's bytes per row: what it writes, or the whole file rows it reads (a column slice is
   # read through whole rows), whichever is more.
-  file_row = int(np.prod(reader.source.shape(keys[0])[1:], dtype=np.int64))
+  first = leaf.hf_key.format(layer=0)
+  file_row = int(np.prod(reader.source.shape(first)[1:], dtype=np.int64))
   row_bytes = max(int(np.prod([b - a for a, b in inner], dtype=np.int64)) * out.itemsize,
-                  file_row * reader.source.dtype(keys[0]).itemsize)
+                  file_row * reader.source.dtype(first).itemsize)
   step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
   jobs = []
   for i, key in enumerate(keys):
@@ -243,10 +244,10 @@ def _read_shard(reader: _Reader, leaf: Leaf, cfg: LlamaConfig, shape, index,
 
 
 def _transpose_into(block: np.ndarray, dest: np.ndarray, tile=(16, 2048)) -> None:
-  """dest[:] = block.T in tiles of 16 block rows (each tile writes whole 64-byte lines of
-  fp32 dest rows while reading 16 source lines at a time) by at most 2048 columns; ~1.7x faster
-  than square 256 x 128 tiles, whose column walks over 4 KB-strided rows evict each other from
-  the L1 cache, and ~2x faster than a plain strided copy."""
+  """dest[:] = block.T in tiles of 16 block rows by at most 2048 columns: a tile writes whole
+  64-byte lines of fp32 dest rows while reading 16 source lines at a time. Square 256 x 128 tiles
+  walk 256 source rows 4 KB apart, which evict each other from L1: 1.4x slower summed over fp32
+  and bf16 LLaMA-7B/bench block shapes, 1.5-2.5x on the bench's fp32 ones."""
   rows, cols = block.shape
   for r in range(0, rows, tile[0]):
     for c in range(0, cols, tile[1]):
