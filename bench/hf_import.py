@@ -18,7 +18,7 @@ Methods (one subprocess each, interleaved over rounds; the best round of each co
                    backend; tests/gcs_emulator.py), read raw in 16 MB ranged reads (dropped)
   load_hf gs://    cnllama_jax.load_hf("gs://bucket/model") from that emulator
 
-Peak RSS = ru_maxrss after the method - RSS after imports and backend start (the high-water mark
+Peak RSS = VmHWM after the method - RSS after imports and backend start (the high-water mark
 is reset there through /proc/self/clear_refs, so the imports' own peak does not hide the method's). For load_hf
 the result itself (0.82 GB of params) is resident at the end, so the import's own overhead is
 `peak - result`: what the import needs beyond the params it returns. Targets (issue 13): beyond the

@@ -5,16 +5,21 @@ is read with ranged reads of just its bytes, from a local file or a bucket (`gs:
 whole file (torch's `[out, in]` weights transposed to our `[in, out]`, per-layer tensors stacked
 on the layer axis, the vocabulary padded with zero rows). Each shard is read into a 64-byte
 aligned host buffer in our layout, which the CPU backend adopts as the array's buffer (on an
-accelerator it is copied to the device and dropped), so beyond the params it returns a host holds
-one read block at a time (plus, on an accelerator, one shard being copied).
+accelerator it is copied to the device and dropped). Reads run as jobs of at most 4 MB on a few
+threads (file reads, ranged GETs and the transposes overlap), so beyond the params it returns a
+host holds a few read blocks (plus, on an accelerator, one shard being copied).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import logging
 import mmap
+import queue
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -113,33 +118,92 @@ def check_keys(source: tensor_files.WeightSource, cfg: LlamaConfig, boxed: Any,
 
 
 _ALIGN = 64  # jax on CPU adopts a host buffer aligned like this without copying it
-_HUGE_BYTES = 1 << 20  # buffers from this size on are mapped with huge pages
-_TRANSPOSE_BLOCK_BYTES = 4 << 20  # rows of a transposed tensor read (and held) at a time
+_MAPPED_BYTES = 1 << 20  # buffers from this size on are anonymous mappings of their own
+_BLOCK_BYTES = 4 << 20  # the most one read job reads (and, transposed, holds) at a time
+_READ_WORKERS = 4  # read jobs in flight at once (reads and transposes release the GIL)
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
   """np.zeros(shape, dtype) whose buffer starts on a 64-byte boundary, so that device_put on the
-  CPU backend uses it as the array's buffer (no copy). A large one is an anonymous mapping
-  advised to use huge pages: first writes into fresh memory then fault 2 MB at a time, not 4 KB
-  (with 4 KB pages the import was ~1.7x slower)."""
+  CPU backend uses it as the array's buffer (no copy). A large one is a private anonymous
+  mapping of its own (unmapped with the last array on it), populated when mapped (one call
+  instead of a trap per 4 KB page on first write). First-touch rates of 820 MB on
+  bench/hf_import.py's VM (2 cores): populated private ~2.0 GB/s, private write faults ~1.7,
+  shared (shmem, where huge-page advice has no effect) ~1.1, private huge pages 0.3-10 (by
+  whether the host still backed the memory); the import ran ~1.15x faster populated.
+  """
   nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-  if nbytes >= _HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-    memory = mmap.mmap(-1, nbytes)  # zeroed, page-aligned; unmapped with the last array on it
-    memory.madvise(mmap.MADV_HUGEPAGE)
+  if nbytes >= _MAPPED_BYTES and hasattr(mmap, "MAP_PRIVATE"):
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    memory = mmap.mmap(-1, nbytes, flags=flags)  # zeroed, page-aligned
     return np.frombuffer(memory, np.uint8).view(dtype).reshape(shape)
   raw = np.zeros(nbytes + _ALIGN, np.uint8)
   start = -raw.ctypes.data % _ALIGN
   return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def _read_shard(source, leaf: Leaf, cfg: LlamaConfig, shape, index, dtype) -> np.ndarray:
+class _Blocks:
+  """Reusable read buffers of _BLOCK_BYTES, one per job in flight: a block read into memory the
+  process already touched runs at memory speed; into fresh pages it costs a page fault per 4 KB
+  (several times slower on a VM)."""
+
+  def __init__(self):
+    self._free: queue.SimpleQueue = queue.SimpleQueue()
+
+  @contextlib.contextmanager
+  def get(self, shape: tuple[int, ...], dtype) -> Iterator[np.ndarray]:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if nbytes > _BLOCK_BYTES:  # one row longer than a block: a buffer of its own
+      yield np.empty(shape, dtype)
+      return
+    try:
+      buffer = self._free.get_nowait()
+    except queue.Empty:
+      buffer = np.empty(_BLOCK_BYTES, np.uint8)
+    try:
+      yield buffer[:nbytes].view(dtype).reshape(shape)
+    finally:
+      self._free.put(buffer)
+
+
+@dataclasses.dataclass
+class _Reader:
+  """What the read jobs of one import share: the weights, a pool of threads (jobs in flight at
+  once, so reads overlap transposes and, on an object store, ranged GETs overlap each other) and
+  their read buffers. Beyond the params a host holds at most _READ_WORKERS blocks."""
+  source: tensor_files.WeightSource
+  pool: concurrent.futures.ThreadPoolExecutor
+  blocks: _Blocks = dataclasses.field(default_factory=_Blocks)
+
+  def run(self, jobs: list[Callable[[], Any]]) -> None:
+    """Runs the jobs (each writes its own part of a destination) and waits for them all; the
+    first failure is raised and the jobs not yet started are cancelled."""
+    futures = [self.pool.submit(job) for job in jobs]
+    try:
+      for future in futures:
+        future.result()
+    finally:
+      for future in futures:
+        future.cancel()
+      concurrent.futures.wait(futures)
+
+  def read_transposed(self, key: str, rows: tuple[int, int], cols: tuple[int, int],
+                      dest: np.ndarray) -> None:
+    """dest[:] = tensor[rows, cols].T for an HF `[out, in]` weight, through one block buffer."""
+    with self.blocks.get((rows[1] - rows[0], cols[1] - cols[0]), dest.dtype) as block:
+      self.source.read_into(key, (slice(*rows), slice(*cols)), block)  # [rows, cols]
+      _transpose_into(block, dest)
+
+
+def _read_shard(reader: _Reader, leaf: Leaf, cfg: LlamaConfig, shape, index,
+                dtype) -> np.ndarray:
   """Our-layout slice `index` (a tuple of slices over `shape`) of one param, from HF tensors.
 
   The slice is allocated once, in our layout, zeroed (vocabulary padding rows stay zero) and
-  64-byte aligned (on CPU it becomes the param's buffer without a copy). Each HF tensor's byte
-  ranges are read straight into it, cast on the way; an HF `[out, in]` weight is read in blocks of
-  whole rows (at most _TRANSPOSE_BLOCK_BYTES), each transposed into place. Beyond the result the
-  process holds one such block, or one read block (tensor_files.CHUNK_BYTES) of a column slice.
+  64-byte aligned (on CPU it becomes the param's buffer without a copy). It is filled by read
+  jobs of at most _BLOCK_BYTES each, run by `reader`'s threads: a run of whole leading-axis rows
+  is read straight into it, cast on the way; an HF `[out, in]` weight is read in blocks of whole
+  rows, each transposed into place.
   """
   bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
   layers: list = [None]
@@ -152,26 +216,38 @@ def _read_shard(source, leaf: Leaf, cfg: LlamaConfig, shape, index, dtype) -> np
   out = aligned_zeros(tuple([len(layers)] if leaf.stacked else []) +
                       tuple(hi - lo for lo, hi in bounds), dtype)  # [layers?, *our slice]
   sizes = [hi - lo for lo, hi in real]
-  for i, layer in enumerate(layers):
-    key = leaf.hf_key if layer is None else leaf.hf_key.format(layer=layer)
-    dest = out if layer is None else out[i]
+  # A job's rows: HF rows (our columns) when transposed, else our (= HF) leading axis.
+  (lo, hi), inner = (real[1], real[:1]) if leaf.transpose else (real[0], real[1:])
+  keys = [leaf.hf_key if layer is None else leaf.hf_key.format(layer=layer) for layer in layers]
+  # A job's bytes per row: what it writes, or the whole file rows it reads (a column slice is
+  # read through whole rows), whichever is more.
+  first = leaf.hf_key.format(layer=0)
+  file_row = int(np.prod(reader.source.shape(first)[1:], dtype=np.int64))
+  row_bytes = max(int(np.prod([b - a for a, b in inner], dtype=np.int64)) * out.itemsize,
+                  file_row * reader.source.dtype(first).itemsize)
+  step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
+  jobs = []
+  for i, key in enumerate(keys):
+    dest = out[i] if leaf.stacked else out
     dest = dest[tuple(slice(0, n) for n in sizes)]  # the real part (padding stays zero)
-    if not leaf.transpose:  # the vocabulary is the leading axis: dest stays contiguous
-      source.read_into(key, tuple(slice(lo, hi) for lo, hi in real), dest)
-      continue
-    (in_lo, in_hi), (out_lo, out_hi) = real  # ours [in, out]; HF rows are our columns
-    step = max(1, _TRANSPOSE_BLOCK_BYTES // max((in_hi - in_lo) * out.itemsize, 1))
-    for r0 in range(out_lo, out_hi, step):
-      r1 = min(r0 + step, out_hi)
-      block = np.empty((r1 - r0, in_hi - in_lo), dtype)  # HF [rows, in] of this block
-      source.read_into(key, (slice(r0, r1), slice(in_lo, in_hi)), block)
-      _transpose_into(block, dest[:, r0 - out_lo:r1 - out_lo])
+    for r0 in range(lo, hi, step):
+      r1 = min(r0 + step, hi)
+      if leaf.transpose:  # ours [in, out]; HF rows are our columns
+        jobs.append(functools.partial(reader.read_transposed, key, (r0, r1), inner[0],
+                                      dest[:, r0 - lo:r1 - lo]))
+      else:  # leading-axis rows of a contiguous destination: read straight into it
+        where = (slice(r0, r1),) + tuple(slice(a, b) for a, b in inner)
+        jobs.append(functools.partial(reader.source.read_into, key, where,
+                                      dest[r0 - lo:r1 - lo]))
+  reader.run(jobs)
   return out
 
 
-def _transpose_into(block: np.ndarray, dest: np.ndarray, tile=(256, 128)) -> None:
-  """dest[:] = block.T in cache-sized tiles (a plain strided copy of a large block is ~2x
-  slower: every element of a column is on another cache line)."""
+def _transpose_into(block: np.ndarray, dest: np.ndarray, tile=(16, 2048)) -> None:
+  """dest[:] = block.T in tiles of 16 block rows by at most 2048 columns: a tile writes whole
+  64-byte lines of fp32 dest rows while reading 16 source lines at a time. Square 256 x 128 tiles
+  walk 256 source rows 4 KB apart, which evict each other from L1: 1.4x slower summed over fp32
+  and bf16 LLaMA-7B/bench block shapes, 1.5-2.5x on the bench's fp32 ones."""
   rows, cols = block.shape
   for r in range(0, rows, tile[0]):
     for c in range(0, cols, tile[1]):
@@ -200,15 +276,18 @@ def load_hf(path: str, *, mesh: Mesh | None = None, dtype=None,
   target = jnp.dtype(cfg.param_dtype)
 
   params: dict = {}
-  for leaf in leaves(cfg):
-    shape = get(boxed, leaf.path).value.shape
-    array = jax.make_array_from_callback(
-        shape, get(shardings, leaf.path),
-        lambda index, leaf=leaf, shape=shape: _read_shard(source, leaf, cfg, shape, index, target))
-    node = params
-    for name in leaf.path[:-1]:
-      node = node.setdefault(name, {})
-    node[leaf.path[-1]] = array
+  with concurrent.futures.ThreadPoolExecutor(_READ_WORKERS, "load_hf") as pool:
+    reader = _Reader(source, pool)
+    for leaf in leaves(cfg):
+      shape = get(boxed, leaf.path).value.shape
+      array = jax.make_array_from_callback(
+          shape, get(shardings, leaf.path),
+          lambda index, leaf=leaf, shape=shape: _read_shard(reader, leaf, cfg, shape, index,
+                                                            target))
+      node = params
+      for name in leaf.path[:-1]:
+        node = node.setdefault(name, {})
+      node[leaf.path[-1]] = array
   logging.info("loaded %s (%d tensors) in %.1f s", path, len(source.keys()),
                time.perf_counter() - start)
   return cfg, params

@@ -73,15 +73,40 @@ def test_padded_vocabulary_rows_are_dropped_and_never_win(tmp_path):
   assert cnllama_jax.logits(cfg, params, _batch(99)).shape == (3, 11, 99)
 
 
-def test_bf16_checkpoint_loads_into_requested_dtype(tmp_path):
+def test_bf16_checkpoint_loads_bitwise_into_requested_dtype_in_small_read_jobs(tmp_path,
+                                                                              monkeypatch):
   import torch
+  from cnllama_jax import hf
   model = hf_models.make_hf_llama(seed=7).to(torch.bfloat16)
   path = hf_models.save(model, str(tmp_path / "m"), "safetensors")
+  # 1000-byte jobs: 3 rows of 64 fp32 each, so every tensor is many jobs on several threads and
+  # every transpose ends in a partial tile.
+  monkeypatch.setattr(hf, "_BLOCK_BYTES", 1000)
   cfg, params = cnllama_jax.load_hf(path, dtype="float32")
-  expected = model.model.layers[1].mlp.up_proj.weight.detach().float().numpy().T
-  assert np.array_equal(np.asarray(params["layers"]["mlp"]["up_proj"]["kernel"][1]), expected)
+  hf_weights = {k: v.float().numpy() for k, v in model.state_dict().items()}  # [out, in]
+  layers = params["layers"]
+  for i in range(2):
+    assert np.array_equal(np.asarray(layers["mlp"]["up_proj"]["kernel"][i]),
+                          hf_weights[f"model.layers.{i}.mlp.up_proj.weight"].T)  # [64, 176]
+    assert np.array_equal(np.asarray(layers["mlp"]["down_proj"]["kernel"][i]),
+                          hf_weights[f"model.layers.{i}.mlp.down_proj.weight"].T)  # [176, 64]
+    assert np.array_equal(np.asarray(layers["input_layernorm"]["scale"][i]),
+                          hf_weights[f"model.layers.{i}.input_layernorm.weight"])  # [64]
+  embed, head = np.asarray(params["embed_tokens"]), np.asarray(params["lm_head"])
+  assert embed.shape == (128, 64) and head.shape == (64, 128)
+  assert np.array_equal(embed[:99], hf_weights["model.embed_tokens.weight"]) and not embed[99:].any()
+  assert np.array_equal(head[:, :99], hf_weights["lm_head.weight"].T) and not head[:, 99:].any()
   cfg, params = cnllama_jax.load_hf(path, dtype="bfloat16")
   assert params["embed_tokens"].dtype == np.dtype("bfloat16")
+
+
+def test_transpose_into_a_strided_destination_equals_the_transpose():
+  from cnllama_jax import hf
+  block = np.arange(37 * 4100, dtype=np.float32).reshape(37, 4100)  # partial tiles both ways
+  dest = np.zeros((4100, 50), np.float32)
+  hf._transpose_into(block, dest[:, 5:42])
+  assert np.array_equal(dest[:, 5:42], block.T)
+  assert not dest[:, :5].any() and not dest[:, 42:].any()
 
 
 # --- errors ------------------------------------------------------------------------------------
