@@ -90,11 +90,11 @@ class Dense(_Module):
       h = x
       if self.lora.dropout > 0 and not self.deterministic:
         h = lora_dropout(h, self.make_rng("dropout"), self.lora.dropout)
-      a, b = lora_a.astype(dtype), lora_b.astype(dtype)
       if x.ndim == 3 and attention_lib.platform_of(self.mesh) == "cpu":  # CPU-friendly backward
-        return y + lora_delta(h.astype(dtype), a, b, self.lora.scale)
-      h = jnp.dot(h.astype(dtype), a)  # [..., r]
-      y = y + jnp.dot(h, b) * jnp.asarray(self.lora.scale, dtype)
+        return y + lora_delta(h.astype(dtype), lora_a.astype(dtype), lora_b.astype(dtype),
+                              self.lora.scale)
+      h = jnp.dot(h.astype(dtype), lora_a.astype(dtype))  # [..., r]
+      y = y + jnp.dot(h, lora_b.astype(dtype)) * jnp.asarray(self.lora.scale, dtype)
     return y
 
 
