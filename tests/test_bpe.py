@@ -334,6 +334,7 @@ def test_text_and_sft_data_on_a_bpe_tokenizer(built, tmp_path):
   and the pad id is the merge's pad_token."""
   import numpy as np
   from cnllama_jax import data, run_data
+  from cnllama_jax.data import builders
   _, base, zh, _ = built
   merged = Path(tk.merge(base, zh, tmp_path / "tok", pad_piece="<|pad|>").out_dir)
   own = Tokenizer.from_file(str(merged / "tokenizer.json"))
@@ -365,6 +366,12 @@ def test_text_and_sft_data_on_a_bpe_tokenizer(built, tmp_path):
     assert row["input_ids"].tolist() == source + target + [pad] * (128 - n)
     assert row["labels"].tolist() == [-100] * len(source) + target + [-100] * (128 - n)
     assert row["attention_mask"].tolist() == [1] * n + [0] * (128 - n)
+  # the build's name hashes the tokenizer_config.json that names BOS / EOS / pad, not only the
+  # tokenizer.json: an edited config builds anew instead of reading rows made with other ids
+  name = builders.fingerprint("text", [], merged, length=32)[0]
+  config = merged / "tokenizer_config.json"
+  config.write_text(config.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+  assert builders.fingerprint("text", [], merged, length=32)[0] != name
 
 
 def test_stage1_then_sft_on_a_llama3_shaped_base(built, tmp_path):
@@ -454,5 +461,7 @@ def test_generate_and_serve_find_and_use_a_bpe_tokenizer(built, tmp_path):
   new = []
   answer = generator([prompt], on_token=lambda step: new.append(step[0]))
   assert len(new) == 8 and all(t is None or 0 <= t < BASE_VOCAB + len(SPECIALS) for t in new)
-  text = own.decode([t for t in new if t not in (None, 501)], skip_special_tokens=False).strip()
+  text = own.decode([t for t in new if t is not None], skip_special_tokens=True).strip()
   assert answer == [text] and text
+  hello = own.encode("你好", add_special_tokens=False).ids  # special tokens never reach the text
+  assert generator.sp.decode([500] + hello + [501, 502]) == "你好" == own.decode(hello)

@@ -2,10 +2,10 @@
 
 Layout: `<data_dir>/<builder>/<config>/1.0.0/` where `<builder>` is `cnllama_pretrain_text` or
 `cnllama_sft`, and `<config>` (e.g. `len512_3f9a0c1d2b4e5f60`) is a hash of everything the bytes
-depend on: source paths with their sizes and mtimes, the tokenizer file's SHA-256, the length, pad
-id, packing, validation fraction and split seed, and `FORMAT_VERSION`. A changed input therefore
-builds into a new config directory and an unchanged one is found prepared and read back without
-tokenising.
+depend on: source paths with their sizes and mtimes, the tokenizer file's SHA-256 (a BPE's also
+its tokenizer_config.json's), the length, pad id, packing, validation fraction and split seed, and
+`FORMAT_VERSION`. A changed input therefore builds into a new config directory and an unchanged
+one is found prepared and read back without tokenising.
 
 Features (all int32 [length], stored as raw bytes):
   `PretrainText`: `input_ids`; packed (`pack=True`), also `labels` and `attention_mask` holding
@@ -34,7 +34,7 @@ from etils import epath
 from tensorflow_datasets.core.utils import py_utils
 
 from cnllama_jax import paths
-from cnllama_jax.data import encode, packing, sources
+from cnllama_jax.data import encode, packing, sources, text_tokenizer
 from cnllama_jax.data.staging import Staged
 
 FORMAT_VERSION = 1  # bump whenever the encoding of an example changes
@@ -66,6 +66,20 @@ def file_sha256(path: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
+def tokenizer_identity(path: str | os.PathLike) -> dict:
+  """What a build depends on in a tokenizer: its file's SHA-256 and, for a byte-level BPE
+  `tokenizer.json`, those of the `tokenizer_config.json` / `special_tokens_map.json` beside it
+  (they name its BOS / EOS / pad tokens)."""
+  file = tokenizer_file(path)
+  identity = {"tokenizer_sha256": file_sha256(file)}
+  if file.endswith(".json"):
+    for name in text_tokenizer.CONFIG_FILES:
+      beside = paths.join(os.path.dirname(file), name)
+      if paths.exists(beside):
+        identity[f"{name}_sha256"] = file_sha256(beside)
+  return identity
+
+
 def file_identity(path: str | os.PathLike) -> list:
   """[absolute path or URL, size, version]: a local file's mtime in ns, an object's content hash
   (`paths.file_version`)."""
@@ -91,7 +105,7 @@ def fingerprint(kind: str, files: Sequence[str | os.PathLike],
       "kind": kind,
       "format_version": FORMAT_VERSION,
       "files": [file_identity(f) for f in files],
-      "tokenizer_sha256": file_sha256(tokenizer_file(tokenizer_path)),
+      **tokenizer_identity(tokenizer_path),
       "length": length,
       **params,
   }

@@ -80,7 +80,9 @@ class BpeTokenizer:
     return self.size
 
   def decode(self, ids: Sequence[int]) -> str:
-    return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+    """Text of `ids` without special tokens (BOS, EOS, pad, <|eot_id|>, ...), as SentencePiece's
+    decode drops its control pieces."""
+    return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def _role_tokens(directory: str) -> dict[str, str]:
