@@ -447,6 +447,8 @@ def test_generate_and_serve_find_and_use_a_bpe_tokenizer(built, tmp_path):
   want = str(path / "tokenizer.json")
   assert generate.tokenizer_path(generate.Options(model=str(path), loras=(str(lora),))) == want
   assert serve.tokenizer_path(str(path), [str(lora)], None) == want
+  (lora / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}')  # not byte-level BPE:
+  assert serve.tokenizer_path(str(path), [str(lora)], None) == want  # passed over for the base's
   (lora / "tokenizer.model").write_bytes(b"")  # only looked up here, never loaded
   assert serve.tokenizer_path(str(path), [str(lora)], None) == str(lora / "tokenizer.model")
   with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in"):

@@ -121,13 +121,24 @@ def load(path: str | os.PathLike) -> TextTokenizer:
 
 def find(directories: Sequence[str | os.PathLike]) -> str:
   """The tokenizer file of the first directory holding one: its ``tokenizer.model`` (as
-  `tokenizer.base_kind`, SentencePiece wins when both are there), else its ``tokenizer.json``."""
+  `tokenizer.base_kind`, SentencePiece wins when both are there), else its ``tokenizer.json`` when
+  that is a byte-level BPE. Another ``tokenizer.json`` (e.g. the Unigram or SentencePiece-style
+  fast tokenizer a LoRA directory may carry) is passed over for the next directory."""
+  from cnllama_jax import bpe  # pylint: disable=import-outside-toplevel
+  passed_over = []
   for directory in directories:
-    for name in FILES:
-      if paths.isfile(paths.join(directory, name)):
-        return paths.join(directory, name)
-  raise FileNotFoundError(f"no {' or '.join(FILES)} in {[os.fspath(d) for d in directories]}; "
-                          "pass --tokenizer")
+    model, json_file = (paths.join(directory, name) for name in FILES)
+    if paths.isfile(model):
+      return model
+    if paths.isfile(json_file):
+      try:
+        bpe.load_json(json_file)
+        return json_file
+      except bpe.UnsupportedTokenizerError as e:
+        passed_over.append(str(e))
+  raise FileNotFoundError(f"no {' or '.join(FILES)} in {[os.fspath(d) for d in directories]}"
+                          + (f" that this code reads ({'; '.join(passed_over)})" if passed_over
+                             else "") + "; pass --tokenizer")
 
 
 def pad_id(tokenizer: TextTokenizer) -> int:
