@@ -58,8 +58,10 @@ def _names_the_url(fn: _F) -> _F:
       if where is None:
         raise
       text = " ".join(str(err).split()) or type(err).__name__
+      policy = configure_retries()
       raise StorageError(f"{where}: {fn.__name__} failed: {text} (gave up after "
-                         f"{configure_retries().max_retries} retries; ${RETRIES_ENV} sets "
+                         f"{policy.max_retries} retries, each cut after "
+                         f"{policy.stall_timeout_s:g} s without a byte; ${RETRIES_ENV} sets "
                          "them)") from err
   return wrapper  # type: ignore[return-value]
 

@@ -1,13 +1,16 @@
-"""Bounded retries for object-store requests, set in one place for both libraries that talk to a
-bucket: gcsfs (everything `paths` reads and writes, Orbax's checkpoint metadata) and tensorstore
-(Orbax's array data). The default `Retries()` (overridable by $CNLLAMA_STORAGE_RETRIES) lets a
-store that went away fail the run with one line within about a minute instead of retrying for ten
-(tensorstore's own default: 32 retries, up to 32 s apart).
+"""Bounded retries and a stall timeout for object-store requests, set in one place for both
+libraries that talk to a bucket: gcsfs (everything `paths` reads and writes, Orbax's checkpoint
+metadata) and tensorstore (Orbax's array data). The default `Retries()` (overridable by
+$CNLLAMA_STORAGE_RETRIES) lets a store that went away fail the run with one line within about a
+minute instead of retrying for ten (tensorstore's own default: 32 retries, up to 32 s apart), and
+a store that accepts connections but stops answering fail a request after `stall_timeout_s`
+without a byte (neither library has such a limit by default: the run would hang).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 RETRIES_ENV = "CNLLAMA_STORAGE_RETRIES"
@@ -21,10 +24,15 @@ class Retries:
   max_retries: retries after the first attempt, for tensorstore (Orbax's array data) and gcsfs
   (everything else: checkpoint metadata, metrics, exports, reads; its waits are its own, about 1,
   2, 4, 8 s); initial_delay_s / max_delay_s: tensorstore's exponential backoff between retries.
+  stall_timeout_s: a request that connects or receives nothing for this long fails (and counts
+  as a try). gcsfs: aiohttp's connect and read timeouts; tensorstore: curl's low-speed limit
+  (under 1 byte/s for this many whole seconds; set in the environment, which tensorstore reads
+  at its first request, unless already set there).
   """
   max_retries: int = 4
   initial_delay_s: float = 1.0
   max_delay_s: float = 10.0
+  stall_timeout_s: float = 60.0
 
   @classmethod
   def parse(cls, text: str) -> "Retries":
@@ -60,7 +68,12 @@ def configure_retries(retries: Retries | None = None) -> Retries:
   if _applied and _applied[0] == retries:
     return retries
   _set_gcsfs_retries(retries.max_retries)
+  _set_gcsfs_timeout(retries.stall_timeout_s)
   _set_tensorstore_retries(retries)
+  for name, value in (("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS",
+                       str(max(1, math.ceil(retries.stall_timeout_s)))),
+                      ("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")):
+    os.environ.setdefault(name, value)
   _applied[:] = [retries]
   return retries
 
@@ -82,6 +95,22 @@ def _set_gcsfs_retries(max_retries: int) -> None:
     wrapped = retry.retry_request(retries=max_retries + 1)(inner)
     wrapped._cnllama_inner = inner  # pylint: disable=protected-access
     setattr(core.GCSFileSystem, name, wrapped)
+
+
+def _set_gcsfs_timeout(seconds: float) -> None:
+  """Connect and read (between bytes, not total: a large upload may take long) timeouts for
+  every gcsfs filesystem made from now on (fsspec's per-protocol defaults) and already made."""
+  try:
+    import aiohttp  # pylint: disable=import-outside-toplevel
+    import fsspec  # pylint: disable=import-outside-toplevel
+    from gcsfs import core  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return
+  timeout = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {})["requests_timeout"] = timeout
+  for instance in list(getattr(core.GCSFileSystem, "_cache", {}).values()):
+    instance.requests_timeout = timeout
 
 
 def _set_tensorstore_retries(retries: Retries) -> None:

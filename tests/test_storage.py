@@ -84,6 +84,55 @@ def test_storage_retries_parse_from_the_environment_format_and_reach_both_client
     storage_retries.configure_retries(before)
 
 
+_TENSORSTORE_READ = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from cnllama_jax import storage_retries
+storage_retries.configure_retries(storage_retries.Retries(max_retries=0, stall_timeout_s=1))
+import tensorstore as ts
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+spec = {"driver": "zarr", "kvstore": {"driver": "gcs", "bucket": sys.argv[2], "path": "a/"}}
+try:
+  ts.open(spec, context=ts_utils.get_ts_context(use_ocdbt=False)).result()
+except Exception as err:  # what Orbax would raise
+  print("ERROR", " ".join(str(err).split()))
+"""
+
+
+def test_a_store_that_stops_answering_fails_requests_after_the_stall_timeout(gcs):
+  """The emulator frozen (SIGSTOP: connections are accepted, nothing is answered), as a bucket
+  that hangs: a read through `paths` (gcsfs) fails with a one-line StorageError naming the URL
+  after the stall timeout instead of never, and so does a tensorstore (Orbax array) read, in a
+  fresh process since tensorstore reads curl's limits once."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  url = f"{gcs.bucket()}/hang.txt"
+  paths.write_text(url, "x")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TENSORSTORE_CURL_")}
+  before = storage_retries.configure_retries()
+  storage_retries.configure_retries(storage_retries.Retries(max_retries=0, stall_timeout_s=1))
+  os.kill(gcs.process.pid, signal.SIGSTOP)
+  try:
+    start = time.monotonic()
+    with pytest.raises(paths.StorageError) as err:
+      paths.read_text(url)
+    seconds = time.monotonic() - start
+    tensorstore = subprocess.run(
+        [sys.executable, "-c", _TENSORSTORE_READ, os.path.dirname(os.path.dirname(__file__)),
+         url.split("/")[2]], env=env, capture_output=True, text=True, timeout=120)
+  finally:
+    os.kill(gcs.process.pid, signal.SIGCONT)
+    storage_retries.configure_retries(before)
+  message = str(err.value)
+  assert "\n" not in message and message.startswith(url) and "1 s without a byte" in message
+  assert seconds < 10, f"{seconds:.1f} s"
+  assert "ERROR" in tensorstore.stdout and "too slow" in tensorstore.stdout, (
+      tensorstore.stdout + tensorstore.stderr[-500:])
+  assert paths.read_text(url) == "x"  # the store answers again once it does
+
+
 # --- the base model from a bucket ----------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", ["sharded", "bin-sharded"])
