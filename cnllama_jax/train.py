@@ -180,15 +180,15 @@ def _head_loss_stats(logits, labels, vocab_size: int):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def fused_head_cross_entropy(hidden: jax.Array, head: jax.Array, labels: jax.Array,
                              vocab_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`cross_entropy` of the LM head's logits `hidden @ head` (one device or a replicated
-  vocabulary) with a hand-written backward pass.
+  """`cross_entropy` of the LM head's logits `hidden @ head` with a hand-written backward pass
+  (plain array ops: on a mesh the partitioner shards them like any others; no `shard_map`).
 
   hidden: [batch, length, hidden]; head: [hidden, padded_vocab]; labels: [batch, length].
   What autodiff of `mask_padded_vocab` + `cross_entropy` does that this does not: a masked copy of
   the logits, a one-hot multiply-reduce for the label logit, and the gradient of the logits
   computed twice (once per GEMM that consumes it, one of them transposed). Here the softmax
   gradient is one fused pass over the saved logits, feeding both GEMMs. On the CPU this is ~30%
-  less time for the head and loss (bench/train_step.py); `model_loss` uses it there.
+  less CPU time for the head and loss (bench/README.md); `model_loss` uses it on CPU meshes.
   """
   return _fused_head_forward(hidden, head, labels, vocab_size)[0]
 
@@ -218,7 +218,9 @@ fused_head_cross_entropy.defvjp(_fused_head_forward, _fused_head_backward)
 def model_loss(model: Llama, params: Any, batch: dict, labels: jax.Array,
                rngs: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(loss sum, correct, token count) of `model` on a batch against shifted `labels`; the LM head
-  and loss run in chunks of `model.cfg.lm_head_chunk` positions when set."""
+  and loss run in chunks of `model.cfg.lm_head_chunk` positions when set, else on a CPU mesh as
+  `fused_head_cross_entropy` (same values, a faster backward there), else as `cross_entropy`
+  (vocabulary-parallel under `shard_map`)."""
   chunk = model.cfg.lm_head_chunk
   chunked = bool(chunk) and chunk < labels.shape[1]
   if not chunked and platform_of(model.mesh) != "cpu":
@@ -227,7 +229,7 @@ def model_loss(model: Llama, params: Any, batch: dict, labels: jax.Array,
     return cross_entropy(logits, labels, model.mesh, model.rules)
   hidden, head = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                              rngs=rngs, return_hidden=True)
-  if not chunked:  # the CPU: no vocabulary sharding to respect (one host's devices share memory)
+  if not chunked:  # a CPU mesh
     return fused_head_cross_entropy(hidden, head.astype(hidden.dtype), labels,
                                     model.cfg.vocab_size)
   return chunked_cross_entropy(hidden, head, labels, model.cfg.vocab_size, chunk, model.mesh,
