@@ -109,8 +109,11 @@ def _set_gcsfs_timeout(seconds: float) -> None:
   timeout = aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)
   for protocol in ("gs", "gcs"):
     fsspec.config.conf.setdefault(protocol, {})["requests_timeout"] = timeout
-  for instance in list(getattr(core.GCSFileSystem, "_cache", {}).values()):
-    instance.requests_timeout = timeout
+  classes = [core.GCSFileSystem]  # with its subclasses (gcsfs registers one for gs:// by
+  for cls in classes:             # default), each of which caches its own instances
+    classes.extend(cls.__subclasses__())
+    for instance in list(getattr(cls, "_cache", {}).values()):
+      instance.requests_timeout = timeout
 
 
 def _set_tensorstore_retries(retries: Retries) -> None:
