@@ -141,13 +141,12 @@ def cell_config(model: str, stage: str, topology: str, seq: str | None = None,
 def program_hash(cell_key: str, micro_batches: int) -> str:
   """aot.program_hash of a cell's train step at `micro_batches`, lowered from the current code
   (seconds; nothing is compiled)."""
-  from cnllama_jax import aot, plan as plan_lib  # pylint: disable=import-outside-toplevel
+  from cnllama_jax import aot  # pylint: disable=import-outside-toplevel
   model, stage, topology, *long = cell_key.split(":")
   config, _ = cell_config(model, stage, topology, *long)
   with config.unlocked():
     config.train.micro_batches = micro_batches
-  _, devices = aot.tpu_devices(topology)
-  return aot.program_hash(aot.lower(plan_lib.plan(config, plan_lib.build_mesh(config, devices))))
+  return aot.program_hash(aot.lower_for(config, topology)[1])
 
 
 def reverify(cell_key: str, cell: dict | None, version: dict) -> bool:

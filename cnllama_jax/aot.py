@@ -109,17 +109,23 @@ def program_hash(lowered) -> str:
   return hashlib.sha1(lowered.as_text(debug_info=False).encode()).hexdigest()[:16]
 
 
+def lower_for(config, topology: str):
+  """(plan, lowered train step) of `config` on `topology`'s TPU devices."""
+  _, devices = tpu_devices(topology)
+  p = plan_lib.plan(config, plan_lib.build_mesh(config, devices))
+  return p, lower(p)
+
+
 def compile_report(config, topology: str) -> Report:
   """Lowers and compiles the train step for `topology`; reads the per-chip memory."""
-  gen, devices = tpu_devices(topology)
-  p = plan_lib.plan(config, plan_lib.build_mesh(config, devices))
-  lowered = lower(p)
+  gen, _, chips = topology_description(topology)
+  p, lowered = lower_for(config, topology)
   tokens = config.train.global_batch_size * config.train.seq_len
   step_flops = tokens * flops.train_flops_per_token(p.cfg, config.train.seq_len, p.lora,
                                                     lora_lib.STAGES[p.stage])
-  common = dict(topology=topology, chips=len(devices), micro_batches=config.train.micro_batches,
+  common = dict(topology=topology, chips=chips, micro_batches=config.train.micro_batches,
                 hbm_bytes=HBM_BYTES[gen], flops_per_step=step_flops,
-                step_seconds_at_peak=step_flops / (PEAK_BF16[gen] * len(devices)),
+                step_seconds_at_peak=step_flops / (PEAK_BF16[gen] * chips),
                 program_hash=program_hash(lowered))
   try:
     compiled = lowered.compile()

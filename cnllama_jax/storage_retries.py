@@ -70,10 +70,7 @@ def configure_retries(retries: Retries | None = None) -> Retries:
   _set_gcsfs_retries(retries.max_retries)
   _set_gcsfs_timeout(retries.stall_timeout_s)
   _set_tensorstore_retries(retries)
-  for name, value in (("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS",
-                       str(max(1, math.ceil(retries.stall_timeout_s)))),
-                      ("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")):
-    os.environ.setdefault(name, value)
+  _set_tensorstore_timeout(retries.stall_timeout_s)
   _applied[:] = [retries]
   return retries
 
@@ -130,3 +127,11 @@ def _set_tensorstore_retries(retries: Retries) -> None:
     else:
       logging.warning("orbax tensorstore_utils.%s not found; tensorstore keeps its own gs:// "
                       "retries (32)", name)
+
+
+def _set_tensorstore_timeout(seconds: float) -> None:
+  """curl's low-speed limit for tensorstore: a transfer under 1 byte/s for `seconds` (whole, at
+  least 1) fails. Set in the environment, which tensorstore reads at its first request; a value
+  already there (the user's) is kept."""
+  os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_TIME_SECONDS", str(max(1, math.ceil(seconds))))
+  os.environ.setdefault("TENSORSTORE_CURL_LOW_SPEED_LIMIT_BYTES", "1")
