@@ -19,16 +19,28 @@ Modules: `sources` (files, UTF-8 lines, documents, JSON records and their errors
 before writing), `builders` (tfds builders, fingerprints),
 `datasets` (build-or-reuse), `loader`.
 """
-from cnllama_jax.data.datasets import build_pretrain_dataset, build_sft_dataset, load_built
-from cnllama_jax.data.encode import (IGNORE_INDEX, PROMPT_TEMPLATE, build_prompt,
-                                     encode_sft_example, pack_row, split_indices)
-from cnllama_jax.data.loader import Loader, collate, epoch_permutation, measure_throughput
-from cnllama_jax.data.packing import best_fit_decreasing, document_segments
-from cnllama_jax.data.sources import iter_documents, iter_instruction_records, read_instructions
+import importlib
 
-__all__ = [
-    "IGNORE_INDEX", "PROMPT_TEMPLATE", "Loader", "best_fit_decreasing", "build_pretrain_dataset",
-    "build_prompt", "build_sft_dataset", "collate", "document_segments", "encode_sft_example",
-    "epoch_permutation", "iter_documents", "iter_instruction_records", "load_built",
-    "measure_throughput", "pack_row", "read_instructions", "split_indices",
-]
+_HOMES = {  # public name -> the module that defines it, imported on first use (PEP 562), so that
+  # importing one light module (e.g. `encode` for IGNORE_INDEX) does not import tfds
+  "build_pretrain_dataset": "datasets", "build_sft_dataset": "datasets", "load_built": "datasets",
+  "IGNORE_INDEX": "encode", "PROMPT_TEMPLATE": "encode", "build_prompt": "encode",
+  "encode_sft_example": "encode", "pack_row": "encode", "split_indices": "encode",
+  "Loader": "loader", "collate": "loader", "epoch_permutation": "loader",
+  "measure_throughput": "loader", "best_fit_decreasing": "packing",
+  "document_segments": "packing", "iter_documents": "sources",
+  "iter_instruction_records": "sources", "read_instructions": "sources",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+  if name not in _HOMES:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_HOMES))
