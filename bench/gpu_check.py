@@ -18,7 +18,8 @@ ml-collections travels as a wheel, bench/README.md says how):
    MQA (one KV head); then a 2-layer bf16 model's logits with cudnn against xla (left-padded). A
    case passes when cudnn's error is at most twice xla's own bf16 error plus 1e-3.
 2. Attention speed: one layer's fwd + bwd at 7B's shapes ([batch, seq, 32 heads, 128], bf16) for
-   seq 2048 / 4096 / 8192, cudnn against xla (xla's scores are O(seq^2): it may not fit at 8192).
+   seq 2048 / 4096 / 8192: our cudnn (segment mask), cuDNN causal without a mask (what the mask
+   costs: jax makes it a dense bias) and xla (O(seq^2) scores: it may not fit at 8192).
 3. Train step: stage 2 (LoRA r 8 on the seven projections + embeddings and LM head, AdamW) on
    7B-shaped layers (hidden 4096, FFN 11008, 32 heads; --layers of them; vocabulary 49,954), bf16,
    no remat, one device: ours (build.build, attention auto -> cudnn) against PyTorch + PEFT
@@ -140,10 +141,20 @@ def attention_speed(args, cudnn: str) -> None:
                for _ in range(3))
     ids = jnp.ones((batch, seq), jnp.int32)
     line = f"  seq {seq:5d} batch {batch:2d}:"
+    # jax turns a boolean mask into a dense [batch, 1, t, s] bias for cuDNN (jax/_src/cudnn/
+    # fused_attention_stablehlo.py, combine_bias_and_mask): "causal only" is cuDNN without our
+    # segment mask, what segment offsets / sequence lengths could bring it back to
+    plain = "xla" if args.smoke else "cudnn"
+    variants = {
+        cudnn: lambda q, k, v: attention.attention(q, k, v, ids, cudnn),
+        f"{plain} causal only": lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=plain),
+        "xla": lambda q, k, v: attention.attention(q, k, v, ids, "xla"),
+    }
     times = {}
-    for impl in (cudnn, "xla"):
-      grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(
-          attention.attention(q, k, v, ids, impl).astype(jnp.float32)), argnums=(0, 1, 2)))
+    for impl, fn in variants.items():
+      grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)),
+                              argnums=(0, 1, 2)))
       try:
         jax.block_until_ready(grad(q, k, v))
       except Exception as e:  # noqa: BLE001  (xla's O(seq^2) scores may not fit)
@@ -156,8 +167,8 @@ def attention_speed(args, cudnn: str) -> None:
         runs.append(time.perf_counter() - start)
       times[impl] = float(np.median(runs))
       flops = 4 * batch * heads * head_dim * seq * (seq + 1) / 2 * 3.5  # fwd 2 GEMMs, bwd 5
-      line += f"  {impl} {times[impl] * 1e3:8.2f} ms ({flops / times[impl] / 1e12:6.1f} TFLOP/s)"
-    if len(times) == 2:
+      line += f"  {impl} {times[impl] * 1e3:.2f} ms ({flops / times[impl] / 1e12:.1f} TFLOP/s)"
+    if "xla" in times and cudnn in times:
       line += f"  xla / {cudnn} {times['xla'] / times[cudnn]:.2f}x"
     print(line, flush=True)
 
