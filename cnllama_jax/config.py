@@ -100,6 +100,14 @@ class LlamaConfig:
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: int | None = None
+  # more ids that end generation, e.g. LLaMA-3-Instruct's <|eot_id|>: the rest of a list
+  # `eos_token_id` in config.json or generation_config.json (stop_ids: all of them)
+  stop_token_ids: tuple[int, ...] = ()
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end generation: eos_token_id, then stop_token_ids, without repeats."""
+    return tuple(dict.fromkeys((self.eos_token_id, *self.stop_token_ids)))
 
   def __post_init__(self):
     if self.num_key_value_heads is None:
@@ -113,6 +121,7 @@ class LlamaConfig:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")
     object.__setattr__(self, "rope_scaling", RopeScaling.from_fields(self.rope_scaling))
+    object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids or ()))
     if self.attention not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f"model.attention={self.attention!r}; expected one of "
                        f"{ATTENTION_IMPLEMENTATIONS}")
@@ -226,10 +235,18 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json", **overrides) -
   theta = hf.get("rope_theta", rope.get("rope_theta"))
   if theta is not None:
     fields["rope_theta"] = float(theta)
-  for key in ("bos_token_id", "eos_token_id"):
-    if isinstance(fields.get(key), list):
-      fields[key] = fields[key][0]
+  if isinstance(fields.get("bos_token_id"), list):
+    fields["bos_token_id"] = fields["bos_token_id"][0] if fields["bos_token_id"] else 1
+  eos = fields.get("eos_token_id")
+  if isinstance(eos, list):  # LLaMA-3-Instruct: [<|end_of_text|>, <|eom_id|>, <|eot_id|>]
+    if not eos or not all(isinstance(i, int) for i in eos):
+      raise ValueError(f"{source}: eos_token_id={eos!r}; expected an id or a list of ids")
+    fields["eos_token_id"], fields["stop_token_ids"] = eos[0], tuple(eos[1:])
   return LlamaConfig(**{**fields, **overrides})
+
+
+def _id_list(value: Any) -> list[int]:
+  return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def to_hf_dict(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -249,7 +266,13 @@ def to_hf_dict(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]
       "torch_dtype": torch_dtype,
       "use_cache": True,
       **{k: getattr(cfg, k) for k in _HF_FIELDS},
+      "eos_token_id": hf_eos_token_id(cfg),
   }
+
+
+def hf_eos_token_id(cfg: LlamaConfig) -> int | list[int]:
+  """config.json's / generation_config.json's eos_token_id: the id, or the list of stop ids."""
+  return list(cfg.stop_ids) if cfg.stop_token_ids else cfg.eos_token_id
 
 
 # Keys of HF rope dicts per type (transformers' names = RopeScaling's fields).
@@ -306,8 +329,18 @@ def load_hf_config(path: str, **overrides) -> LlamaConfig:
   file = path if path.endswith(".json") else paths.join(path, "config.json")
   if not paths.isfile(file):
     raise paths.missing(file, "no config.json; expected a Hugging Face LLaMA directory")
+  hf = _read_json(file)
+  generation = paths.join(str(paths.path(file).parent), "generation_config.json")
+  if paths.isfile(generation):  # its eos ids end generation too (LLaMA-3-Instruct's <|eot_id|>)
+    eos = _id_list(hf.get("eos_token_id"))
+    extra = [i for i in _id_list(_read_json(generation).get("eos_token_id")) if i not in eos]
+    if extra:
+      hf = dict(hf, eos_token_id=eos + extra)
+  return from_hf_dict(hf, source=file, **overrides)
+
+
+def _read_json(file: str) -> dict[str, Any]:
   try:
-    hf = json.loads(paths.read_text(file))
+    return json.loads(paths.read_text(file))
   except json.JSONDecodeError as e:
     raise ValueError(f"{file}: not valid JSON ({e})") from None
-  return from_hf_dict(hf, source=file, **overrides)

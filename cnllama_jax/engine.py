@@ -23,7 +23,7 @@ import functools
 import logging
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -185,15 +185,16 @@ class Engine:
 
   cfg, params, lora: the model (params placed on `mesh` when given, e.g. by inference.load_model).
   slots: rows decoded together; context: cache slots per row (prompt + answer), default the
-  model's max_position_embeddings; eos_id: default cfg.eos_token_id (negative: never stops).
+  model's max_position_embeddings; eos_id: one id or several, default cfg.stop_ids (negative:
+  never stops).
   """
 
   def __init__(self, cfg: LlamaConfig, params: Any, *, slots: int = 8, context: int | None = None,
-               lora: LoraConfig | None = None, eos_id: int | None = None, mesh=None,
-               rules=shd.DEFAULT_RULES, prompt_bucket: int = 64):
+               lora: LoraConfig | None = None, eos_id: int | Sequence[int] | None = None,
+               mesh=None, rules=shd.DEFAULT_RULES, prompt_bucket: int = 64):
     self.cfg, self.lora = cfg, lora_for(params, lora)
     self.slots, self.context = slots, context or cfg.max_position_embeddings
-    self.eos_id = cfg.eos_token_id if eos_id is None else eos_id
+    self.stop_ids = frozenset(gen.stop_ids_of(cfg, eos_id))
     self.mesh, self.rules = mesh, shd.normalize_rules(rules)
     self.prompt_bucket = prompt_bucket
     self.params = params if mesh is None else shd.place(
@@ -266,7 +267,7 @@ class Engine:
     request = self._rows[row]
     if request.cancelled:
       return self._finish(row, None)
-    if token == self.eos_id:
+    if token in self.stop_ids:
       return self._finish(row, "stop")
     self._made[row] += 1
     request.on_token(token, None)

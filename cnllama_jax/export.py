@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cnllama_jax import hf, paths, tokenizer as tok_lib, tokenizer_hf
-from cnllama_jax.config import LlamaConfig, to_hf_dict
+from cnllama_jax.config import LlamaConfig, hf_eos_token_id, to_hf_dict
 from cnllama_jax.lora import LoraConfig, lora_for, merged_kernel
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -171,7 +171,8 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str) -> dict[str, Any]:
 
 
 def generation_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
-  ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_eos_token_id(cfg),
+         "pad_token_id": cfg.pad_token_id}
   return {**{k: v for k, v in ids.items() if v is not None}, **GENERATION_DEFAULTS}
 
 

@@ -120,11 +120,30 @@ def next_tokens(logits: Array, seen: Array, sampling: Sampling, key: Array) -> A
 
 # --- the jitted prefill and decode step -----------------------------------------------------------
 
-def _record(state: dict, tokens: Array, eos_id: Array) -> dict:
-  """Marks `tokens` [batch] as seen (for the penalty) and rows that emitted EOS as done."""
+def _record(state: dict, tokens: Array, stop_ids: Array) -> dict:
+  """Marks `tokens` [batch] as seen (for the penalty) and rows that emitted a stop id (any of
+  `stop_ids` [n]) as done."""
   rows = jnp.arange(tokens.shape[0])
+  stopped = jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
   return dict(state, tokens=tokens, seen=state["seen"].at[rows, tokens].set(True),
-              done=state["done"] | (tokens == eos_id), step=state["step"] + 1)
+              done=state["done"] | stopped, step=state["step"] + 1)
+
+
+def stop_ids_of(cfg: LlamaConfig, eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+  """The ids that end a row: `eos_id` (one id or several; negative ids never match), default
+  cfg.stop_ids (eos_token_id and LLaMA-3's other end-of-turn ids)."""
+  if eos_id is None:
+    return cfg.stop_ids
+  ids = tuple(int(i) for i in np.atleast_1d(np.asarray(eos_id)))
+  if not ids:
+    raise ValueError("eos_id=[]; expected an id, a list of ids, or None for the model's")
+  return ids
+
+
+def tokenizer_stop_ids(cfg: LlamaConfig, tokenizer_eos: int) -> tuple[int, ...]:
+  """What the command-line tools stop on: the tokenizer's EOS (-1: none), then the model's
+  stop ids (config.json / generation_config.json), without repeats."""
+  return tuple(dict.fromkeys(i for i in (tokenizer_eos, *cfg.stop_ids) if i >= 0)) or (-1,)
 
 
 def window_size(filled: int, max_len: int, smallest: int = 256) -> int:
@@ -158,7 +177,7 @@ def _programs(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, max_len: i
   """(prefill, decode(window)) jitted for one shape; with a mesh, with explicit shardings."""
   model = model_lib.Llama(cfg, lora, mesh=mesh, rules=rules)
 
-  def prefill(params, ids, mask, rng, eos_id):
+  def prefill(params, ids, mask, rng, stop_ids):
     """ids, mask: [batch, prompt] left-padded. Returns the decode state and the first tokens."""
     cache = model_lib.init_cache(cfg, batch, max_len)
     logits, cache = model.apply({"params": params}, ids, mask, cache=cache, last_only=True,
@@ -167,17 +186,18 @@ def _programs(cfg: LlamaConfig, lora: LoraConfig, sampling: Sampling, max_len: i
     seen = seen.at[jnp.arange(batch)[:, None], ids].add(mask) > 0  # prompt ids, no padding
     tokens = next_tokens(logits[:, 0, :cfg.vocab_size], seen, sampling, jax.random.fold_in(rng, 0))
     state = dict(cache=cache, seen=seen, done=jnp.zeros((batch,), bool), step=jnp.int32(0))
-    return _record(state, tokens, eos_id), tokens
+    return _record(state, tokens, stop_ids), tokens
 
-  def decode(params, state, rng, eos_id, window):
-    """Feeds each row's last token, returns the next ones [batch] (EOS again for finished rows)."""
+  def decode(params, state, rng, stop_ids, window):
+    """Feeds each row's last token, returns the next ones [batch] (a stop id again for finished
+    rows)."""
     last = state["tokens"][:, None]  # [batch, 1]
     logits, cache = model.apply({"params": params}, last, jnp.ones_like(last),
                                 cache=state["cache"], window=window)
     tokens = next_tokens(logits[:, 0, :cfg.vocab_size], state["seen"], sampling,
                          jax.random.fold_in(rng, state["step"]))
-    tokens = jnp.where(state["done"], jnp.maximum(eos_id, 0), tokens)
-    return _record(dict(state, cache=cache), tokens, eos_id), tokens
+    tokens = jnp.where(state["done"], jnp.maximum(stop_ids[0], 0), tokens)
+    return _record(dict(state, cache=cache), tokens, stop_ids), tokens
 
   if mesh is None:
     return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,), static_argnums=(4,))
@@ -220,14 +240,14 @@ def left_pad(prompts: Sequence[Sequence[int]], bucket: int = 1, pad_id: int = 0,
 def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]], *,
              max_new_tokens: int = 400, temperature: float = 0.2, top_k: int = 40,
              top_p: float = 0.9, repetition_penalty: float = 1.1, rng: Array | None = None,
-             eos_id: int | None = None, lora: LoraConfig | None = None,
+             eos_id: int | Sequence[int] | None = None, lora: LoraConfig | None = None,
              on_token: Callable[[list[int | None]], None] | None = None,
              max_len: int | None = None, prompt_bucket: int = 64, mesh=None,
              rules=shd.DEFAULT_RULES) -> list[list[int]]:
   """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
 
-  Returns the new tokens of each row, ending with EOS when the row stopped on it. eos_id: default
-  cfg.eos_token_id; a negative value never stops early. on_token(new) is called once per step with
+  Returns the new tokens of each row, ending with the stop id the row stopped on, if any. eos_id:
+  one id or several (`stop_ids_of`), default cfg.stop_ids; a negative value never stops early. on_token(new) is called once per step with
   the token each row just produced (None for rows that had already stopped). max_len: cache slots
   (default: padded prompt + max_new_tokens, rounded up to 128); a fixed value lets prompts of any
   length up to it reuse one compiled decode step. Params holding LoRA adapters need `lora`.
@@ -243,7 +263,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
   sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
   if temperature == 0:  # greedy ignores top-k/top-p: one compilation for every such call
     sampling = dataclasses.replace(sampling, top_k=0, top_p=1.0)
-  eos_id = cfg.eos_token_id if eos_id is None else int(eos_id)
+  stop_ids = stop_ids_of(cfg, eos_id)
   room = None if max_len is None else max_len - max_new_tokens + 1  # the longest prompt that fits
   ids, mask = left_pad(prompt_ids, prompt_bucket, max_length=room)
   needed = ids.shape[1] + max_new_tokens - 1  # the last token is never fed back
@@ -254,7 +274,7 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
                      f"needs {needed} cache slots but max_len={max_len}; shorten the prompt, "
                      "lower max_new_tokens or raise max_len")
   rng = jax.random.key(0) if rng is None else rng
-  eos = jnp.int32(eos_id)
+  stop = jnp.asarray(stop_ids, jnp.int32)
   rules = shd.normalize_rules(rules)
   prefill, decode = _programs(cfg, lora, sampling, max_len, ids.shape[0], mesh, rules)
   if mesh is not None:
@@ -262,20 +282,20 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
     rows = state_shardings(cfg, ids.shape[0], max_len, mesh, rules)["cache"]["mask"]
     ids, mask = to_global(ids, rows), to_global(mask, rows)
 
-  state, pending = prefill(params, ids, mask, rng, eos)
+  state, pending = prefill(params, ids, mask, rng, stop)
   outputs: list[list[int]] = [[] for _ in prompt_ids]
   stopped = [False] * len(prompt_ids)
   for step in range(max_new_tokens):
     if step + 1 < max_new_tokens:  # dispatch the next step before waiting on this one
       # this step writes slot ids.shape[1] + step and attends over every slot up to it
       window = window_size(ids.shape[1] + step + 1, max_len)
-      state, following = decode(params, state, rng, eos, window)
+      state, following = decode(params, state, rng, stop, window)
     new: list[int | None] = []
     for row, token in enumerate(np.asarray(pending).tolist()):
       new.append(None if stopped[row] else token)
       if not stopped[row]:
         outputs[row].append(token)
-        stopped[row] = token == eos_id
+        stopped[row] = token in stop_ids
     if on_token is not None:
       on_token(new)
     if all(stopped):

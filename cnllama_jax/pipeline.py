@@ -310,7 +310,8 @@ def _answer(config, base, tokenizer_dir: str) -> str:
   sp = text_tokenizer.load(tokenizer_dir)  # its tokenizer.model (or a BPE's tokenizer.json)
   prompt = [sp.bos_id()] + sp.encode(build_prompt(config.generate.instruction))
   out = generate.generate(cfg, params, [prompt], max_new_tokens=config.generate.max_new_tokens,
-                          temperature=config.generate.temperature, eos_id=sp.eos_id(),
+                          temperature=config.generate.temperature,
+                          eos_id=generate.tokenizer_stop_ids(cfg, sp.eos_id()),
                           repetition_penalty=config.generate.repetition_penalty,
                           rng=jax.random.key(config.seed))
   return sp.decode(out[0])

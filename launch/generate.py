@@ -121,6 +121,7 @@ class Generator:
       raise ValueError(f"the tokenizer has {self.sp.vocab_size()} pieces but the model's "
                        f"vocabulary is {self.cfg.vocab_size}: pass the model's own tokenizer")
     self.rng = jax.random.key(opts.seed)
+    self.stop_ids = gen.tokenizer_stop_ids(self.cfg, self.sp.eos_id())
     merged = f" + LoRA {', '.join(opts.loras)}" if opts.loras else ""
     log(f"loaded {opts.model}{merged} (vocab {self.cfg.vocab_size}, "
         f"{self.cfg.num_hidden_layers} layers, mesh {tuple(self.mesh.devices.shape)}) in "
@@ -135,10 +136,10 @@ class Generator:
     outputs = gen.generate(
         self.cfg, self.params, [self.encode(p) for p in prompts], max_new_tokens=o.max_new_tokens,
         temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
-        repetition_penalty=o.repetition_penalty, rng=key, eos_id=self.sp.eos_id(),
+        repetition_penalty=o.repetition_penalty, rng=key, eos_id=self.stop_ids,
         on_token=on_token, max_len=max_len, lora=self.lora,
         mesh=None if self.mesh.size == 1 else self.mesh)
-    return [self.sp.decode([t for t in ids if t != self.sp.eos_id()]).strip() for ids in outputs]
+    return [self.sp.decode([t for t in ids if t not in self.stop_ids]).strip() for ids in outputs]
 
 
 def log(text: str) -> None:
@@ -203,12 +204,12 @@ class Stream:
   """Prints one row's tokens as they arrive (whole characters only: byte-fallback pieces of a
   multi-byte character are held back until it is complete)."""
 
-  def __init__(self, sp):
-    self.sp, self.ids, self.shown = sp, [], 0
+  def __init__(self, sp, stop_ids=()):
+    self.sp, self.stop_ids, self.ids, self.shown = sp, frozenset(stop_ids), [], 0
 
   def __call__(self, new: list) -> None:
     token = new[0]
-    if token is None or token == self.sp.eos_id():
+    if token is None or token in self.stop_ids or token == self.sp.eos_id():
       return
     self.ids.append(token)
     text = self.sp.decode(self.ids)
@@ -259,7 +260,7 @@ def run_chat(generator: Generator, single_turn: bool) -> None:
       print(f"(the input alone exceeds {room} tokens; raise --max_len or lower --max_new_tokens)",
             file=sys.stderr)
       continue
-    stream = Stream(generator.sp)
+    stream = Stream(generator.sp, generator.stop_ids)
     t0 = time.perf_counter()
     answer = generator([prompt], max_len, on_token=stream)[0]
     print(f"\n({len(stream.ids)} tokens, {time.perf_counter() - t0:.1f} s)", file=sys.stderr)

@@ -55,7 +55,7 @@ def tokenizer_path(model: str, loras: list[str], explicit: str | None) -> str:
 
 def build(args):
   """(app, engine) for the parsed arguments; the engine is started."""
-  from cnllama_jax import engine as engine_lib, inference, serve  # noqa: E402
+  from cnllama_jax import engine as engine_lib, generate as gen, inference, serve  # noqa: E402
   from cnllama_jax.data import text_tokenizer  # noqa: E402
   if args.slots < 1:
     raise ValueError(f"--slots={args.slots}; expected >= 1")
@@ -68,7 +68,8 @@ def build(args):
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model's "
                      f"vocabulary is {cfg.vocab_size}: pass the model's own tokenizer")
   engine = engine_lib.Engine(cfg, params, slots=args.slots, lora=lora, mesh=mesh,
-                             context=args.context or None, eos_id=tokenizer.eos_id()).start()
+                             context=args.context or None,
+                             eos_id=gen.tokenizer_stop_ids(cfg, tokenizer.eos_id())).start()
   name = args.model_name or Path(args.model).resolve().name
   return serve.create_app(engine, tokenizer, name, args.template), engine
 

@@ -309,6 +309,37 @@ def test_llama3_preset_is_the_published_config():
   assert tiny.tie_word_embeddings and tiny.rope_theta == 500000.0 and tiny.num_key_value_heads == 2
 
 
+def test_llama3_instruct_stop_ids_come_from_config_and_generation_config(tmp_path):
+  """Meta-Llama-3-8B-Instruct: config.json eos 128001 (<|end_of_text|>), generation_config.json
+  [128001, 128009] (<|eot_id|> ends a turn); 3.1 lists three ids in config.json itself. Both are
+  read, written back as lists, and read by transformers the same way."""
+  import json
+  import transformers
+  from cnllama_jax import config as config_lib, export
+  three = config_lib.from_hf_dict({**LLAMA3_8B_CONFIG_JSON,
+                                   "eos_token_id": [128001, 128008, 128009]})
+  assert (three.eos_token_id, three.stop_token_ids) == (128001, (128008, 128009))
+  assert three.stop_ids == (128001, 128008, 128009)
+  (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG_JSON))
+  assert config_lib.load_hf_config(str(tmp_path)).stop_ids == (128001,)
+  (tmp_path / "generation_config.json").write_text(json.dumps(
+      {"bos_token_id": 128000, "eos_token_id": [128001, 128009]}))
+  cfg = config_lib.load_hf_config(str(tmp_path))
+  assert cfg.stop_ids == (128001, 128009) and cfg.eos_token_id == 128001
+  hf = config_lib.to_hf_dict(cfg)
+  assert hf["eos_token_id"] == [128001, 128009]
+  assert export.generation_config_dict(cfg)["eos_token_id"] == [128001, 128009]
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "config.json").write_text(json.dumps(hf))
+  assert config_lib.load_hf_config(str(out)) == cfg
+  assert transformers.LlamaConfig.from_pretrained(str(out)).eos_token_id == [128001, 128009]
+  for bad in ([], ["</s>"]):
+    with pytest.raises(ValueError, match=r"^m/config.json: eos_token_id=.*expected an id or a"):
+      config_lib.from_hf_dict({**LLAMA3_8B_CONFIG_JSON, "eos_token_id": bad},
+                              source="m/config.json")
+
+
 def test_tiny_llama3_logits_match_transformers(tmp_path):
   import cnllama_jax
   from cnllama_jax import config as config_lib

@@ -114,6 +114,26 @@ def test_generation_stops_at_eos_per_row(tiny):
   assert calls[4][0] is None  # row 0 reports nothing after its EOS at step 3
 
 
+def test_generation_stops_at_any_of_several_stop_ids_and_at_the_models_own(tiny):
+  """LLaMA-3-Instruct ends a turn with <|eot_id|>, not its EOS: a row stops at the first of
+  several ids, given as eos_id or as the config's stop_token_ids (config.json's list)."""
+  _, cfg, params = tiny
+  free = gen.generate(cfg, params, PROMPTS, max_new_tokens=12, temperature=0.0, eos_id=-1)
+  first = free[0][3]  # row 0's 4th token, and a later first occurrence in row 1
+  second = next(t for i, t in enumerate(free[1]) if i and t not in free[1][:i] + [first])
+  want = []
+  for full in free:
+    hits = [i for i, t in enumerate(full) if t in (first, second)]
+    want.append(full[:hits[0] + 1] if hits else full)
+  assert gen.generate(cfg, params, PROMPTS, max_new_tokens=12, temperature=0.0,
+                      eos_id=[second, first]) == want
+  model_stops = cfg.replace(eos_token_id=-1, stop_token_ids=(first, second))
+  assert model_stops.stop_ids == (-1, first, second)
+  assert gen.generate(model_stops, params, PROMPTS, max_new_tokens=12, temperature=0.0) == want
+  with pytest.raises(ValueError, match=r"eos_id=\[\]"):
+    gen.generate(cfg, params, PROMPTS, max_new_tokens=2, eos_id=[])
+
+
 # Hand-made logits: probabilities 0.5, 0.1, 0.3, 0.06, 0.04.
 _PROBS = np.log(np.array([[0.5, 0.1, 0.3, 0.06, 0.04]], np.float32))
 

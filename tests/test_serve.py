@@ -212,6 +212,24 @@ def test_engine_lets_a_short_request_finish_before_an_earlier_long_one(model_dir
                                          temperature=0.0, eos_id=-1)[0]
 
 
+def test_engine_stops_a_request_at_any_of_the_models_stop_ids(model_dir):
+  from cnllama_jax import inference
+  cfg, _, params = inference.load_model(model_dir)
+  free = gen.generate(cfg, params, [[1, 5, 9, 30]], max_new_tokens=8, temperature=0.0,
+                      eos_id=-1)[0]
+  stop = free[2]
+  cut = free[:free.index(stop)]
+  engine = engine_lib.Engine(cfg.replace(stop_token_ids=(stop,)), params, slots=2,
+                             context=CONTEXT)
+  assert engine.stop_ids == {cfg.eos_token_id, stop}
+  got, finish = [], []
+  engine.submit(engine_lib.Request([1, 5, 9, 30], 8, lambda t, f: got.append(t) if t is not None
+                                   else finish.append(f), gen.Sampling(0.0, 0, 1.0, 1.1)))
+  while not finish:
+    engine.run_once()
+  assert (got, finish) == (cut, ["stop"])  # the stop id itself is not passed on
+
+
 def test_per_row_sampling_with_top_k_1_is_greedy_and_top_k_keeps_ties():
   import jax
   import numpy as np
