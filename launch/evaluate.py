@@ -25,7 +25,7 @@ import jax  # noqa: E402
 
 from cnllama_jax import ceval, ceval_scoring, cli  # noqa: E402
 from cnllama_jax import evaluate as ev  # noqa: E402
-from cnllama_jax import inference, paths  # noqa: E402
+from cnllama_jax import inference, paths, processes  # noqa: E402
 from cnllama_jax.data import text_tokenizer  # noqa: E402
 
 
@@ -79,6 +79,8 @@ def _load_model(args, tokenizer):
   except ValueError:
     raise ValueError(f"--mesh_shape {args.mesh}: expected three integers, e.g. 1,-1,1") from None
   mesh = inference.build_mesh(sizes)
+  print(f"process {jax.process_index()}/{jax.process_count()}: mesh "
+        f"{dict(mesh.shape)} over {mesh.size} devices", file=sys.stderr, flush=True)
   cfg, _, params = inference.load_model(args.model, loras=[p for p in args.lora.split(",") if p],
                                         mesh=mesh, dtype=args.dtype)
   if tokenizer.vocab_size() > cfg.vocab_size:
@@ -102,6 +104,7 @@ def _print_ceval(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+  processes.initialize_distributed()  # every host of a slice runs this same command
   if args.batch_size < 1:
     raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
   if not paths.isdir(args.model):
@@ -110,9 +113,10 @@ def run(args: argparse.Namespace) -> None:
     if not paths.isfile(args.text):
       raise FileNotFoundError(f"{args.text}: text file not found")
     tokenizer = _tokenizer(args)
-    cfg, params, _ = _load_model(args, tokenizer)
+    cfg, params, mesh = _load_model(args, tokenizer)
     print(json.dumps(ev.perplexity(cfg, params, tokenizer, args.text, block_size=args.block_size,
-                                   batch_size=args.batch_size)))
+                                   batch_size=args.batch_size,
+                                   mesh=None if mesh.size == 1 else mesh)))
     return
   if not args.overwrite and paths.exists(args.out) and (
       not paths.isdir(args.out) or paths.listdir(args.out)):  # checked before scoring

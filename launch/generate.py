@@ -39,7 +39,7 @@ import jax  # noqa: E402
 
 from cnllama_jax import cli  # noqa: E402
 from cnllama_jax import generate as gen  # noqa: E402
-from cnllama_jax import inference, paths  # noqa: E402
+from cnllama_jax import inference, paths, processes  # noqa: E402
 from cnllama_jax.data import sources, text_tokenizer  # noqa: E402
 from cnllama_jax.data.encode import build_prompt  # noqa: E402
 
@@ -273,6 +273,7 @@ def main(argv) -> None:
   if _INTERACTIVE.value == bool(_INPUT.value):
     raise app.UsageError("give exactly one of --input=FILE or --interactive")
   opts = options_from_flags()
+  processes.initialize_distributed()  # --input: every host of a slice runs this same command
   if _INTERACTIVE.value and jax.process_count() > 1:
     raise app.UsageError("--interactive runs in one process; use --input on a multi-host slice")
   try:

@@ -76,7 +76,8 @@ def build(args):
 
 def run(args) -> None:
   import jax  # noqa: E402
-  from cnllama_jax import serve  # noqa: E402
+  from cnllama_jax import processes, serve  # noqa: E402
+  processes.initialize_distributed()
   if jax.process_count() > 1:
     raise ValueError(f"{jax.process_count()} processes: serving runs on one host; use its local "
                      "devices with --mesh_shape")

@@ -23,8 +23,6 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-
 from cnllama_jax import build, checkpoint, cli, paths, pipeline, plan as plan_lib  # noqa: E402
 from cnllama_jax import processes, run_data, trainer, writers as writers_lib  # noqa: E402
 
@@ -44,12 +42,6 @@ def configure_logging(verbose: bool) -> None:
   for name in ("jax", "orbax", "tensorflow_datasets", "absl"):
     std_logging.getLogger(name).setLevel(std_logging.WARNING)
   tfds.disable_progress_bar()
-
-
-def maybe_initialize_distributed() -> None:
-  """Joins the other hosts when launched on several (a coordinator address or a TPU pod slice)."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
-    jax.distributed.initialize()
 
 
 def print_dry_run(plan: plan_lib.Plan) -> None:
@@ -134,14 +126,14 @@ def _main(argv) -> None:
   config = _CONFIG.value
   if "pipeline" in config:  # configs/demo.py: every stage of the paper in one run
     workdir = _require_workdir()
-    maybe_initialize_distributed()
+    processes.initialize_distributed()
     processes.tag_logs_with_process()
     pipeline.run(config, workdir, verbose=_VERBOSE.value)
     return
   workdir = "" if config.dry_run else _require_workdir()
   trainer.check_paths(config)
   if not config.dry_run:
-    maybe_initialize_distributed()
+    processes.initialize_distributed()
     processes.tag_logs_with_process()
   plan = plan_lib.plan(config)  # abstract: nothing allocated yet
   if config.dry_run:

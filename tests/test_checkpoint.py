@@ -13,7 +13,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,7 @@ import pytest
 from cnllama_jax import build, checkpoint, plan as plan_lib, sharding as shd, trainer
 from cnllama_jax import writers
 from tests import checkpoint_config
+from tests.gcs_emulator import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "tests", "checkpoint_config.py")
@@ -164,12 +164,6 @@ def test_a_checkpoint_from_8_devices_restores_onto_4_and_onto_1(tmp_path):
 
 
 # --- several processes ---------------------------------------------------------------------------
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_checkpointing_to_a_bucket_resume_on_one_process_with_the_same_losses(
     gcs, tmp_path):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,60 @@ def test_cli_ceval_on_a_mesh_matches_the_api(cli, sp, tiny, tmp_path, capsys):
   assert list(summary["subjects"]) == ["computer_network", "logic"]
   assert summary["settings"]["max_length"] == 1024  # the model's max_position_embeddings
   assert "Average" in capsys.readouterr().out
+
+
+def test_perplexity_on_a_mesh_splits_the_rows_and_matches_one_device(sp, tiny):
+  from cnllama_jax import inference
+  _, _, cfg, params = tiny
+  mesh = inference.build_mesh((1, -1, 1))  # 8 fake devices on fsdp
+  score = ev.nll_scorer(cfg, params, mesh=mesh)
+  assert score.rows_sharding(8, 64).spec[0] is not None  # rows split, not replicated
+  one = ev.perplexity(cfg, params, sp, DATA / "tokenizer_en.txt", block_size=64, batch_size=8)
+  sharded = ev.perplexity(cfg, params, sp, DATA / "tokenizer_en.txt", block_size=64,
+                          batch_size=8, mesh=mesh)
+  assert sharded["tokens"] == one["tokens"]
+  assert sharded["nll"] == pytest.approx(one["nll"], rel=1e-5)
+
+
+def test_two_processes_run_the_perplexity_command_on_one_mesh(sp, tiny, tmp_path):
+  """`launch/evaluate.py perplexity` on two hosts (processes joined by the documented
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, 2 CPU devices each): one mesh of
+  4 devices, rows split over it, and each process prints the one-process API's result."""
+  import subprocess
+  from tests.gcs_emulator import free_port
+  _, path, cfg, params = tiny
+  text = str(DATA / "tokenizer_en.txt")
+  port = free_port()
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch",
+                        "evaluate.py")
+  workers = [subprocess.Popen(
+      [sys.executable, script, "perplexity", "--model", path, "--text", text, "--block_size", "64",
+       "--batch_size", "8", "--mesh_shape", "1,-1,1"], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    outputs = [w.communicate(timeout=300) for w in workers]
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+  assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+  for i, (_, err) in enumerate(outputs):  # one mesh over both processes' devices
+    assert f"process {i}/2: mesh {{'data': 1, 'fsdp': 4, 'tensor': 1}} over 4 devices" in err, err
+  api = ev.perplexity(cfg, params, sp, text, block_size=64, batch_size=8)
+  for out, _ in outputs:
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["tokens"] == api["tokens"]
+    assert got["nll"] == pytest.approx(api["nll"], rel=1e-5)
+
+
+def test_a_process_count_that_is_not_a_number_is_one_line(cli, tiny, capsys, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+  assert cli(["perplexity", "--model", tiny[1], "--text", str(DATA / "tokenizer_en.txt")]) == 1
+  assert "JAX_NUM_PROCESSES='two': expected an integer" in capsys.readouterr().err
 
 
 def test_cli_perplexity_on_a_mesh_matches_the_api(cli, sp, tiny, capsys):
