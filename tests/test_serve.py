@@ -185,6 +185,43 @@ def test_a_client_leaving_mid_stream_frees_its_row(server, client):
   assert not any(engine._rows)  # pylint: disable=protected-access
 
 
+def test_two_processes_generate_an_input_file_on_one_mesh(model_dir, generator, tmp_path):
+  """`launch/generate.py --input` on two hosts (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID, 2 CPU devices each): both compute on one 4-device mesh, process 0 alone writes,
+  and the answers equal one process's greedy answers."""
+  import json
+  import os
+  import subprocess
+  from tests.gcs_emulator import free_port
+  instructions = ["请介绍一下北京", "What is a tokenizer?", "写一首短诗"]
+  (tmp_path / "in.txt").write_text("\n".join(instructions) + "\n", encoding="utf-8")
+  out = tmp_path / "out.jsonl"
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
+         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"}
+  workers = [subprocess.Popen(
+      [sys.executable, str(REPO / "launch" / "generate.py"), f"--model={model_dir}",
+       f"--input={tmp_path / 'in.txt'}", f"--output={out}", "--batch_size=2",
+       "--max_new_tokens=6", "--temperature=0", "--mesh_shape=1,-1,1"], stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    outputs = [w.communicate(timeout=300) for w in workers]
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+  assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+  assert "mesh (1, 4, 1)" in outputs[0][1], outputs[0][1][-2000:]  # process 0 logs
+  launch = sys.modules["launch_generate"]
+  one = generator("alpaca", 6)
+  want = one([launch.template(one.opts, i) for i in instructions[:2]])
+  want += one([launch.template(one.opts, instructions[2])] * 2)[:1]
+  got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+  assert [r["instruction"] for r in got] == instructions
+  assert [r["output"] for r in got] == want
+  assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.jsonl"]  # no partial file left
+
+
 def test_engine_lets_a_short_request_finish_before_an_earlier_long_one(model_dir):
   from cnllama_jax import inference
   cfg, _, params = inference.load_model(model_dir)
