@@ -23,7 +23,7 @@ import pytest
 from cnllama_jax import build, checkpoint, plan as plan_lib, sharding as shd, trainer
 from cnllama_jax import writers
 from tests import checkpoint_config
-from tests.gcs_emulator import free_port
+from tests.multihost import finish, free_port, started
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "tests", "checkpoint_config.py")
@@ -179,19 +179,12 @@ def test_two_processes_checkpointing_to_a_bucket_resume_on_one_process_with_the_
   workdir = f"{bucket}/two"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the worker sets 2 devices
   port = free_port()
-  workers = [subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(i), "2", str(port),
-       str(config_json), workdir], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      cwd=REPO, env=env) for i in range(2)]
-  try:
+  commands = [[sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"), str(i), "2",
+               str(port), str(config_json), workdir] for i in range(2)]
+  with started(commands, [env, env], cwd=REPO) as workers:
     read_until(workers[0], "process 0/2: step 2/")  # console lines name their process
     workers[1].send_signal(signal.SIGTERM)  # only one host is told; both must stop together
-    outputs = [w.communicate(timeout=300) for w in workers]
-  finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
-  assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    outputs = finish(workers)
   stops = [int(re.search(r"finished, preempted=(\d+)", out).group(1)) for out, _ in outputs]
   saved = paths.join(workdir, checkpoint.SUBDIR)
   assert stops[0] == stops[1] < steps

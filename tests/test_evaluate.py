@@ -350,27 +350,14 @@ def test_two_processes_run_the_perplexity_command_on_one_mesh(sp, tiny, tmp_path
   """`launch/evaluate.py perplexity` on two hosts (processes joined by the documented
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, 2 CPU devices each): one mesh of
   4 devices, rows split over it, and each process prints the one-process API's result."""
-  import subprocess
-  from tests.gcs_emulator import free_port
+  from tests import multihost
   _, path, cfg, params = tiny
   text = str(DATA / "tokenizer_en.txt")
-  port = free_port()
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2"}
-  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch",
-                        "evaluate.py")
-  workers = [subprocess.Popen(
-      [sys.executable, script, "perplexity", "--model", path, "--text", text, "--block_size", "64",
-       "--batch_size", "8", "--mesh_shape", "1,-1,1"], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  try:
-    outputs = [w.communicate(timeout=300) for w in workers]
-  finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
-  assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+  port = multihost.free_port()
+  command = [sys.executable, str(REPO / "launch" / "evaluate.py"), "perplexity", "--model", path,
+             "--text", text, "--block_size", "64", "--batch_size", "8", "--mesh_shape", "1,-1,1"]
+  with multihost.started([command] * 2, [multihost.host_env(i, port) for i in range(2)]) as workers:
+    outputs = multihost.finish(workers)
   for i, (_, err) in enumerate(outputs):  # one mesh over both processes' devices
     assert f"process {i}/2: mesh {{'data': 1, 'fsdp': 4, 'tensor': 1}} over 4 devices" in err, err
   api = ev.perplexity(cfg, params, sp, text, block_size=64, batch_size=8)

@@ -191,26 +191,16 @@ def test_two_processes_generate_an_input_file_on_one_mesh(model_dir, generator, 
   and the answers equal one process's greedy answers."""
   import json
   import os
-  import subprocess
-  from tests.gcs_emulator import free_port
+  from tests import multihost
   instructions = ["请介绍一下北京", "What is a tokenizer?", "写一首短诗"]
   (tmp_path / "in.txt").write_text("\n".join(instructions) + "\n", encoding="utf-8")
   out = tmp_path / "out.jsonl"
-  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
-         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}"}
-  workers = [subprocess.Popen(
-      [sys.executable, str(REPO / "launch" / "generate.py"), f"--model={model_dir}",
-       f"--input={tmp_path / 'in.txt'}", f"--output={out}", "--batch_size=2",
-       "--max_new_tokens=6", "--temperature=0", "--mesh_shape=1,-1,1"], stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  try:
-    outputs = [w.communicate(timeout=300) for w in workers]
-  finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
-  assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+  port = multihost.free_port()
+  command = [sys.executable, str(REPO / "launch" / "generate.py"), f"--model={model_dir}",
+             f"--input={tmp_path / 'in.txt'}", f"--output={out}", "--batch_size=2",
+             "--max_new_tokens=6", "--temperature=0", "--mesh_shape=1,-1,1"]
+  with multihost.started([command] * 2, [multihost.host_env(i, port) for i in range(2)]) as workers:
+    outputs = multihost.finish(workers)
   assert "mesh (1, 4, 1)" in outputs[0][1], outputs[0][1][-2000:]  # process 0 logs
   launch = sys.modules["launch_generate"]
   one = generator("alpaca", 6)
