@@ -288,7 +288,7 @@ def train_step(args) -> None:
   print(f"  ratio ours / PyTorch+PEFT: {best['PyTorch+PEFT'] / best['cnllama_jax']:.2f}x tokens/s")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, blockwise for cudnn")
   parser.add_argument("--sections", default="1,2,3", help="which of 1 parity, 2 speed, 3 step")
@@ -297,7 +297,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=2048, help="section 3: tokens per row")
   parser.add_argument("--steps", type=int, default=10, help="section 3: timed steps per side")
   parser.add_argument("--repeats", type=int, default=10, help="section 2: timed calls")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.smoke:
     os.environ["JAX_PLATFORMS"] = "cpu"
   import jax

@@ -272,3 +272,20 @@ def test_splash_compiles_for_a_tpu_topology_with_the_mosaic_kernel():
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, ids).compile()
   assert "tpu_custom_call" in compiled.as_text()
 
+
+
+def test_the_prepared_gpu_check_runs_here_in_smoke_mode(capsys):
+  """bench/gpu_check.py waits for a session with a GPU; its parity and speed sections must still
+  run when one comes (`--smoke`: the CPU, tiny shapes, blockwise standing in for cuDNN)."""
+  import os  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                      "gpu_check.py")
+  spec = importlib.util.spec_from_file_location("gpu_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises(SystemExit) as done:
+    module.main(["--smoke", "--sections", "1,2", "--repeats", "1"])
+  out = capsys.readouterr().out
+  assert done.value.code == 0, out[-3000:]
+  assert out.count("  ok") == 7 and "gpu_check: all parity cases passed" in out  # 6 cases + model
+  assert "xla causal only" in out and "failed" not in out
