@@ -1,7 +1,7 @@
 """Serves a Hugging Face LLaMA / Alpaca directory over an OpenAI-compatible HTTP API.
 
   python launch/serve.py --model=DIR [--lora=PLUS_LORA,ALPACA_LORA] [--port=8000]
-      [--slots=8] [--context=2048] [--template=alpaca|llama2] [--mesh_shape=1,-1,1]
+      [--slots=8] [--context=2048] [--template=alpaca|llama2|llama3] [--mesh_shape=1,-1,1]
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with `"stream": true`).
 Concurrent requests share one running decode batch of --slots rows (continuous batching).
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "tokenizer.json of the last --lora holding one, else of --model)")
   parser.add_argument("--model_name", default=None, help="model id in the API (default: the "
                       "--model directory's name)")
-  parser.add_argument("--template", choices=["alpaca", "llama2"], default="alpaca",
+  parser.add_argument("--template", choices=["alpaca", "llama2", "llama3"], default="alpaca",
                       help="chat template of /v1/chat/completions")
   parser.add_argument("--slots", type=int, default=8, help="rows decoded together")
   parser.add_argument("--context", type=int, default=0, help="prompt + answer tokens per "
@@ -67,9 +67,10 @@ def build(args):
   if tokenizer.vocab_size() > cfg.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model's "
                      f"vocabulary is {cfg.vocab_size}: pass the model's own tokenizer")
+  stop_ids = (gen.tokenizer_stop_ids(cfg, tokenizer.eos_id())
+              + serve.template_stop_ids(tokenizer, args.template))
   engine = engine_lib.Engine(cfg, params, slots=args.slots, lora=lora, mesh=mesh,
-                             context=args.context or None,
-                             eos_id=gen.tokenizer_stop_ids(cfg, tokenizer.eos_id())).start()
+                             context=args.context or None, eos_id=stop_ids).start()
   name = args.model_name or Path(args.model).resolve().name
   return serve.create_app(engine, tokenizer, name, args.template), engine
 

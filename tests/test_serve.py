@@ -16,6 +16,7 @@ import sentencepiece as spm
 
 from cnllama_jax import engine as engine_lib
 from cnllama_jax import generate as gen
+from cnllama_jax import serve
 from cnllama_jax.data.encode import build_prompt
 from tests import hf_models
 
@@ -210,6 +211,53 @@ def test_two_processes_generate_an_input_file_on_one_mesh(model_dir, generator, 
   assert [r["instruction"] for r in got] == instructions
   assert [r["output"] for r in got] == want
   assert sorted(os.listdir(tmp_path)) == ["in.txt", "out.jsonl"]  # no partial file left
+
+
+# Meta-Llama-3-8B-Instruct's chat template (its tokenizer_config.json), for the parity below.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def test_llama3_chat_template_gives_transformers_ids_and_stops_at_eot(tmp_path, model_dir):
+  import json
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from cnllama_jax.data import text_tokenizer
+  specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+              "<|eot_id|>"]
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator((DATA / "tokenizer_en.txt").read_text(encoding="utf-8").splitlines(),
+                          trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(specials)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": specials[0],
+      "eos_token": specials[1], "chat_template": LLAMA3_CHAT_TEMPLATE}))
+  ours, theirs = text_tokenizer.load(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(
+      str(tmp_path))
+  conversations = [
+      [("user", " What is a tokenizer? ")],
+      [("system", "Answer briefly."), ("user", "Hello there")],
+      [("user", "Hi"), ("assistant", "Hello! How can I help?"), ("user", "Tell me a story.")],
+  ]
+  for turns in conversations:
+    want = theirs.apply_chat_template([{"role": r, "content": c} for r, c in turns],
+                                      add_generation_prompt=True)
+    want = want["input_ids"] if not isinstance(want, list) else want
+    got = serve.chat_ids(ours, [serve.Message(role=r, content=c) for r, c in turns], "llama3")
+    assert got == list(want)
+  assert serve.template_stop_ids(ours, "llama3") == (theirs.convert_tokens_to_ids("<|eot_id|>"),)
+  assert serve.template_stop_ids(ours, "alpaca") == ()
+  sentencepiece = text_tokenizer.load(model_dir)  # no LLaMA-3 special tokens
+  with pytest.raises(ValueError, match=r"^chat template 'llama3' needs a tokenizer with the "):
+    serve.template_stop_ids(sentencepiece, "llama3")
 
 
 def test_engine_lets_a_short_request_finish_before_an_earlier_long_one(model_dir):
