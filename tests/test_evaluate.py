@@ -346,25 +346,37 @@ def test_perplexity_on_a_mesh_splits_the_rows_and_matches_one_device(sp, tiny):
   assert sharded["nll"] == pytest.approx(one["nll"], rel=1e-5)
 
 
-def test_two_processes_run_the_perplexity_command_on_one_mesh(sp, tiny, tmp_path):
-  """`launch/evaluate.py perplexity` on two hosts (processes joined by the documented
+@pytest.mark.parametrize("command", ["perplexity", "ceval"])
+def test_two_processes_run_an_evaluate_command_on_one_mesh(sp, tiny, tmp_path, command):
+  """`launch/evaluate.py` on two hosts (processes joined by the documented
   JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, 2 CPU devices each): one mesh of
-  4 devices, rows split over it, and each process prints the one-process API's result."""
+  4 devices with the rows split over it. perplexity: each process prints the one-process API's
+  result; ceval: process 0 alone writes the one-process API's submission."""
   from tests import multihost
   _, path, cfg, params = tiny
-  text = str(DATA / "tokenizer_en.txt")
+  text, out_dir = str(DATA / "tokenizer_en.txt"), tmp_path / "ceval_out"
+  args = {"perplexity": ["--text", text, "--block_size", "64", "--batch_size", "8"],
+          "ceval": ["--data", str(CEVAL), "--shots", "5", "--split", "val", "--subjects", "logic",
+                    "--batch_size", "4", "--out", str(out_dir)]}[command]
+  argv = [sys.executable, str(REPO / "launch" / "evaluate.py"), command, "--model", path,
+          "--mesh_shape", "1,-1,1", *args]
   port = multihost.free_port()
-  command = [sys.executable, str(REPO / "launch" / "evaluate.py"), "perplexity", "--model", path,
-             "--text", text, "--block_size", "64", "--batch_size", "8", "--mesh_shape", "1,-1,1"]
-  with multihost.started([command] * 2, [multihost.host_env(i, port) for i in range(2)]) as workers:
+  with multihost.started([argv] * 2, [multihost.host_env(i, port) for i in range(2)]) as workers:
     outputs = multihost.finish(workers)
   for i, (_, err) in enumerate(outputs):  # one mesh over both processes' devices
     assert f"process {i}/2: mesh {{'data': 1, 'fsdp': 4, 'tensor': 1}} over 4 devices" in err, err
-  api = ev.perplexity(cfg, params, sp, text, block_size=64, batch_size=8)
-  for out, _ in outputs:
-    got = json.loads(out.strip().splitlines()[-1])
-    assert got["tokens"] == api["tokens"]
-    assert got["nll"] == pytest.approx(api["nll"], rel=1e-5)
+  if command == "perplexity":
+    api = ev.perplexity(cfg, params, sp, text, block_size=64, batch_size=8)
+    for out, _ in outputs:
+      got = json.loads(out.strip().splitlines()[-1])
+      assert got["tokens"] == api["tokens"]
+      assert got["nll"] == pytest.approx(api["nll"], rel=1e-5)
+    return
+  data = ceval.load_ceval(CEVAL, "val", 5, ["logic"])
+  api = ceval.evaluate_ceval(ceval_scoring.model_scorer(cfg, params), sp, data, max_length=1024,
+                             batch_size=4)
+  assert json.loads((out_dir / "submission.json").read_text(encoding="utf-8")) == api.submission
+  assert "wrote " in outputs[0][0] and "wrote " not in outputs[1][0]  # process 0 writes
 
 
 def test_a_process_count_that_is_not_a_number_is_one_line(cli, tiny, capsys, monkeypatch):
