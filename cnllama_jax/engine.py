@@ -15,6 +15,13 @@ for another request to finish, and a long answer never holds up a short one.
 Sampling settings are per row (arrays, not compile-time constants), so requests with different
 temperatures share a step; the rules are `generate.next_tokens`' (penalty, temperature, top-k,
 top-p; temperature 0 greedy), and a greedy request gets exactly `generate.generate`'s tokens.
+
+Several hosts (a mesh over more than one process): process 0 takes the requests and runs the loop
+above; every other process calls `follow()`, which runs the same programs on the same inputs.
+Before each admission and each step process 0 broadcasts what it decided (the admitted row, its
+prompt and sampling settings; the active rows and the attention window), so all processes make
+the same calls in the same order; an idle process 0 still broadcasts that there is nothing to do,
+every 50 ms, and `stop()` broadcasts the end. Only process 0 delivers tokens.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cnllama_jax import generate as gen
 from cnllama_jax import model as model_lib
@@ -164,7 +172,8 @@ def _programs(cfg: LlamaConfig, lora: LoraConfig, rows: int, context: int, mesh,
 
   if mesh is None:
     return (jax.jit(admit, donate_argnums=(1,)),
-            jax.jit(step, donate_argnums=(1,), static_argnums=(3,)))
+            jax.jit(step, donate_argnums=(1,), static_argnums=(3,)),
+            functools.partial(empty_state, cfg, rows, context))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params_sh = gen.param_shardings(cfg, lora, mesh, rules)
   base = gen.state_shardings(cfg, rows, context, mesh, rules)
@@ -177,7 +186,8 @@ def _programs(cfg: LlamaConfig, lora: LoraConfig, rows: int, context: int, mesh,
   step = jax.jit(step, donate_argnums=(1,), static_argnums=(3,),
                  in_shardings=(params_sh, state_sh, replicated),
                  out_shardings=(state_sh, replicated))
-  return admit, step
+  init = jax.jit(functools.partial(empty_state, cfg, rows, context), out_shardings=state_sh)
+  return admit, step, init
 
 
 class Engine:
@@ -199,10 +209,15 @@ class Engine:
     self.prompt_bucket = prompt_bucket
     self.params = params if mesh is None else shd.place(
         params, gen.param_shardings(cfg, self.lora, mesh, self.rules))
-    self._admit, self._step = _programs(cfg, self.lora, slots, self.context, mesh, self.rules)
-    self._state = empty_state(cfg, slots, self.context)
+    self._admit, self._step, self._init = _programs(cfg, self.lora, slots, self.context, mesh,
+                                                    self.rules)
+    self._state = self._init()
     self._rows: list[Request | None] = [None] * slots
     self._made: list[int] = [0] * slots  # tokens produced per row
+    self._filled = [0] * slots  # each row's cache index (slots written), kept on the host
+    self.leader = jax.process_index() == 0
+    self.hosts = jax.process_count()
+    self.failed = False  # a multi-host engine stops at its first error (see _loop)
     self._waiting: queue.Queue = queue.Queue()
     self._wake = threading.Event()
     self._stop = threading.Event()
@@ -223,6 +238,8 @@ class Engine:
                        "prompt or lower max_tokens")
 
   def submit(self, request: Request) -> Request:
+    if self.failed:
+      raise ValueError("the engine stopped after an error (see the server log); restart it")
     self.check(len(request.prompt), request.max_tokens)
     self._waiting.put(request)
     self._wake.set()
@@ -251,11 +268,29 @@ class Engine:
           if request is not None and not request.cancelled:
             request.on_token(None, "error")
           self._rows[row] = None
-        self._state = empty_state(self.cfg, self.slots, self.context)
+        if self.hosts > 1:  # the other processes cannot be brought back in step: stop serving
+          self.failed = True
+          return
+        self._state, self._filled = self._init(), [0] * self.slots
         busy = False
       if not busy:
         self._wake.wait(0.05)
         self._wake.clear()
+    if self.hosts > 1:
+      self._share(np.asarray([0, 1], np.int32))  # tells the followers to return
+
+  def follow(self) -> None:
+    """A process other than 0 of a multi-host engine: makes process 0's calls until it stops."""
+    if self.leader:
+      raise ValueError("follow() is for processes other than 0; process 0 calls start()")
+    while self.run_once() is not None:
+      pass
+
+  def _share(self, record: np.ndarray) -> np.ndarray:
+    """Process 0's `record` on every process (int32 numpy of a shape all processes know)."""
+    if self.hosts == 1:
+      return record
+    return np.asarray(multihost_utils.broadcast_one_to_all(record, is_source=self.leader))
 
   def _finish(self, row: int, reason: str | None) -> None:
     request = self._rows[row]
@@ -275,40 +310,82 @@ class Engine:
       self._finish(row, "length")
     return None
 
-  def run_once(self) -> bool:
-    """Admits waiting requests into free rows, then one decode step. False: nothing to do."""
+  def _admissions(self) -> list[tuple[int, Request]]:
+    """Process 0: waiting requests paired with free rows (cancelled ones dropped)."""
+    pairs = []
     for row in range(self.slots):
       if self._rows[row] is not None:
         continue
-      try:
-        request = self._waiting.get_nowait()
-      except queue.Empty:
-        break
-      if request.cancelled:
-        continue
-      room = self.context - request.max_tokens + 1
-      ids, mask = gen.left_pad([request.prompt], self.prompt_bucket, max_length=room)
+      request = None
+      while request is None:
+        try:
+          request = self._waiting.get_nowait()
+        except queue.Empty:
+          return pairs
+        if request.cancelled:
+          request = None
+      pairs.append((row, request))
+      self._rows[row] = request  # taken (delivery starts after its prefill)
+    return pairs
+
+  def _admission_record(self, row: int, request: Request | None) -> np.ndarray:
+    """[row, seed, top_k, prompt length, max_tokens, temperature, top_p, penalty (float32
+    bits), prompt ids padded to the context]: one admission, as process 0 broadcasts it."""
+    record = np.zeros((8 + self.context,), np.int32)
+    if request is not None:
       s = request.sampling
-      settings = (jnp.float32(s.temperature), jnp.int32(s.top_k), jnp.float32(s.top_p),
-                  jnp.float32(s.repetition_penalty))
-      if self.mesh is not None:
-        rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        ids, mask = gen.to_global(ids, rep), gen.to_global(mask, rep)
-      self._state, token = self._admit(self.params, self._state, jnp.int32(row), ids, mask,
-                                       settings, jax.random.key(request.seed))
-      self._rows[row], self._made[row] = request, 0
-      self._deliver(row, int(token))
+      record[:5] = (row, request.seed, s.top_k, len(request.prompt), request.max_tokens)
+      record[5:8] = np.asarray([s.temperature, s.top_p, s.repetition_penalty],
+                               np.float32).view(np.int32)
+      record[8:8 + len(request.prompt)] = request.prompt
+    return record
+
+  def _admit_from(self, record: np.ndarray) -> int:
+    """Prefills one admission record into its row; returns the first token."""
+    row, seed, top_k, length, max_tokens = (int(v) for v in record[:5])
+    temperature, top_p, penalty = (float(v) for v in record[5:8].view(np.float32))
+    room = self.context - max_tokens + 1
+    ids, mask = gen.left_pad([record[8:8 + length].tolist()], self.prompt_bucket,
+                             max_length=room)
+    settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                jnp.float32(penalty))
+    if self.mesh is not None:
+      rep = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      ids, mask = gen.to_global(ids, rep), gen.to_global(mask, rep)
+    self._state, token = self._admit(self.params, self._state, jnp.int32(row), ids, mask,
+                                     settings, jax.random.key(seed))
+    self._filled[row] = ids.shape[1]
+    return int(token)
+
+  def run_once(self) -> bool | None:
+    """Admits waiting requests into free rows, then one decode step. False: nothing to do;
+    None: (multi-host) process 0 has stopped."""
+    pairs = self._admissions() if self.leader else []
+    count, stop = self._share(np.asarray([len(pairs), 0], np.int32)).tolist()
+    if stop:
+      return None
+    for i in range(count):
+      row, request = pairs[i] if self.leader else (0, None)
+      token = self._admit_from(self._share(self._admission_record(row, request)))
+      if self.leader:
+        self._made[row] = 0
+        self._deliver(row, token)
     active = np.asarray([r is not None and not r.cancelled for r in self._rows])
-    for row in np.flatnonzero(~active):
-      if self._rows[row] is not None:
-        self._finish(row, None)
+    if self.leader:
+      for row in np.flatnonzero(~active):
+        if self._rows[row] is not None:
+          self._finish(row, None)
+    # slots in use after this step: the rows' cache indices (kept on the host) + 1
+    window = gen.window_size(max(self._filled) + 1, self.context)
+    shared = self._share(np.asarray([*active, window], np.int32))
+    active, window = shared[:-1].astype(bool), int(shared[-1])
     if not active.any():
       return False
     self.most_active = max(self.most_active, int(active.sum()))
-    filled = int(np.asarray(self._state["cache"]["index"]).max()) + 1  # slots in use after it
-    window = gen.window_size(filled, self.context)
     self._state, tokens = self._step(self.params, self._state, jnp.asarray(active), window)
-    for row, token in enumerate(np.asarray(tokens).tolist()):
-      if active[row] and self._rows[row] is not None:
-        self._deliver(row, token)
+    self._filled = [n + int(a) for n, a in zip(self._filled, active)]
+    if self.leader:
+      for row, token in enumerate(np.asarray(tokens).tolist()):
+        if active[row] and self._rows[row] is not None:
+          self._deliver(row, token)
     return True

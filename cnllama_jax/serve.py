@@ -310,7 +310,19 @@ def create_app(engine: engine_lib.Engine, tokenizer, model_name: str,
   return app
 
 
+def _stopped(signum, frame) -> None:
+  del signum, frame
+  raise SystemExit(0)
+
+
 def run(app: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
-  """Serves `app` with uvicorn until interrupted."""
+  """Serves `app` with uvicorn until interrupted. SIGTERM (or SIGINT) shuts the server down
+  gracefully, then returns through the caller's cleanup (as SystemExit(0) / KeyboardInterrupt):
+  uvicorn re-raises the signal once it has stopped, which by default would kill the process before
+  the engine is stopped (and a multi-host engine's followers told to stop)."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
   import uvicorn  # pylint: disable=import-outside-toplevel
+  if threading.current_thread() is threading.main_thread():  # where handlers can be set
+    signal.signal(signal.SIGTERM, _stopped)
   uvicorn.run(app, host=host, port=port, log_level="info")

@@ -5,8 +5,9 @@
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming with `"stream": true`).
 Concurrent requests share one running decode batch of --slots rows (continuous batching).
-Serving runs in one process (all of its local devices, sharded with --mesh_shape); a multi-host
-slice is refused, since the other hosts would need every request broadcast to them.
+One process serves with all of its local devices (sharded with --mesh_shape). On a multi-host
+slice run the same command on every host: process 0 listens and decides, the others follow its
+engine (every admission and step is broadcast to them; cnllama_jax/engine.py).
 See cnllama_jax/serve.py and cnllama_jax/engine.py.
 """
 from __future__ import annotations
@@ -54,7 +55,8 @@ def tokenizer_path(model: str, loras: list[str], explicit: str | None) -> str:
 
 
 def build(args):
-  """(app, engine) for the parsed arguments; the engine is started."""
+  """(app, engine) for the parsed arguments; the engine is started. On a process other than 0
+  of a multi-host run: (None, engine), not started (its caller runs `engine.follow()`)."""
   from cnllama_jax import engine as engine_lib, generate as gen, inference, serve  # noqa: E402
   from cnllama_jax.data import text_tokenizer  # noqa: E402
   if args.slots < 1:
@@ -70,7 +72,10 @@ def build(args):
   stop_ids = (gen.tokenizer_stop_ids(cfg, tokenizer.eos_id())
               + serve.template_stop_ids(tokenizer, args.template))
   engine = engine_lib.Engine(cfg, params, slots=args.slots, lora=lora, mesh=mesh,
-                             context=args.context or None, eos_id=stop_ids).start()
+                             context=args.context or None, eos_id=stop_ids)
+  if not engine.leader:
+    return None, engine
+  engine.start()
   name = args.model_name or Path(args.model).resolve().name
   return serve.create_app(engine, tokenizer, name, args.template), engine
 
@@ -79,10 +84,12 @@ def run(args) -> None:
   import jax  # noqa: E402
   from cnllama_jax import processes, serve  # noqa: E402
   processes.initialize_distributed()
-  if jax.process_count() > 1:
-    raise ValueError(f"{jax.process_count()} processes: serving runs on one host; use its local "
-                     "devices with --mesh_shape")
   app, engine = build(args)
+  if app is None:  # a process other than 0: run process 0's engine calls until it stops
+    print(f"process {jax.process_index()}/{jax.process_count()}: following process 0's engine",
+          file=sys.stderr, flush=True)
+    engine.follow()
+    return
   try:
     serve.run(app, args.host, args.port)
   finally:

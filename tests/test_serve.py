@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -260,6 +261,41 @@ def test_llama3_chat_template_gives_transformers_ids_and_stops_at_eot(tmp_path, 
     serve.template_stop_ids(sentencepiece, "llama3")
 
 
+def test_two_processes_serve_one_engine_and_stop_together(model_dir, generator):
+  """launch/serve.py on two hosts (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID,
+  2 CPU devices each, one 4-device mesh): process 0 answers over HTTP, process 1 follows its
+  engine; concurrent answers equal one process's greedy ones, and stopping process 0 (SIGTERM)
+  ends process 1 too."""
+  import signal
+  import urllib.request
+  import openai
+  from tests import multihost
+  http, coordinator = multihost.free_port(), multihost.free_port()
+  command = [sys.executable, str(REPO / "launch" / "serve.py"), "--model", model_dir, "--port",
+             str(http), "--slots", "2", "--context", str(CONTEXT), "--mesh_shape", "1,-1,1"]
+  with multihost.started([command] * 2,
+                         [multihost.host_env(i, coordinator) for i in range(2)]) as workers:
+    deadline = time.monotonic() + 240
+    while True:  # until process 0 listens
+      assert workers[0].poll() is None and workers[1].poll() is None, "a server process exited"
+      try:
+        urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=5).read()
+        break
+      except OSError:
+        assert time.monotonic() < deadline, "process 0 never listened"
+        time.sleep(0.5)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="none",
+                           max_retries=0, timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # 3 requests for 2 rows
+      answers = list(pool.map(lambda p: client.completions.create(
+          model="tiny-alpaca", prompt=p, max_tokens=8, temperature=0.0).choices[0].text,
+                              PROMPTS[:3]))
+    workers[0].send_signal(signal.SIGTERM)
+    outputs = multihost.finish(workers, timeout=120)
+  assert "process 1/2: following process 0's engine" in outputs[1][1], outputs[1][1][-2000:]
+  assert [a.strip() for a in answers] == generator("none", 8)(PROMPTS[:3])
+
+
 def test_engine_lets_a_short_request_finish_before_an_earlier_long_one(model_dir):
   from cnllama_jax import inference
   cfg, _, params = inference.load_model(model_dir)
@@ -280,6 +316,9 @@ def test_engine_lets_a_short_request_finish_before_an_earlier_long_one(model_dir
   engine.submit(engine_lib.Request([1, 7, 8], 3, collect("short"), greedy))
   while len(order) < 2:
     engine.run_once()
+    # the host's copy of the cache indices (it sets the attention window) follows the device's
+    index = engine._state["cache"]["index"]  # pylint: disable=protected-access
+    assert np.asarray(index).tolist() == engine._filled  # pylint: disable=protected-access
   assert order == ["short", "long"] and len(tokens["long"]) == 30
   assert tokens["long"] == gen.generate(cfg, params, [[1, 5, 9, 30]], max_new_tokens=30,
                                         temperature=0.0, eos_id=-1)[0]
