@@ -270,14 +270,17 @@ class Engine:
           self._rows[row] = None
         if self.hosts > 1:  # the other processes cannot be brought back in step: stop serving
           self.failed = True
-          return
+          break
         self._state, self._filled = self._init(), [0] * self.slots
         busy = False
       if not busy:
         self._wake.wait(0.05)
         self._wake.clear()
     if self.hosts > 1:
-      self._share(np.asarray([0, 1], np.int32))  # tells the followers to return
+      try:
+        self._share(np.asarray([0, 1], np.int32))  # tells the followers to return
+      except Exception:  # pylint: disable=broad-except  # a follower is gone already
+        logging.exception("could not tell the other processes to stop")
 
   def follow(self) -> None:
     """A process other than 0 of a multi-host engine: makes process 0's calls until it stops."""
