@@ -319,3 +319,29 @@ def chat_prompt(history: Sequence[tuple[str, str]], query: str) -> str:
   turn = lambda q: build_prompt(q)[len(header):]  # noqa: E731  "### Instruction:\n{q}...Response: "
   past = "".join(turn(q) + a + "\n\n" for q, a in history)
   return header + past + turn(query)
+
+
+LLAMA3_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def llama3_prompt(turns: Sequence[tuple[str, str]]) -> str:
+  """LLaMA-3-Instruct's chat text after BOS: each (role, content) turn in order as
+  `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` (content stripped, as
+  Meta's template does), then the assistant's header. A LLaMA-3 tokenizer encodes the special
+  tokens in it as their ids."""
+  text = "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
+                 for role, content in turns)
+  return text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def template_stop_ids(tokenizer, template: str) -> tuple[int, ...]:
+  """The ids that end an answer in a chat `template` beside the model's own: llama3's
+  `<|eot_id|>`. A one-line ValueError when the tokenizer lacks the template's special tokens."""
+  if template != "llama3":
+    return ()
+  ids = {token: tokenizer.encode(token) for token in LLAMA3_SPECIALS}
+  missing = [token for token, pieces in ids.items() if len(pieces) != 1]
+  if missing:
+    raise ValueError(f"chat template 'llama3' needs a tokenizer with the special tokens "
+                     f"{', '.join(missing)} (a LLaMA-3 tokenizer.json); this one splits them")
+  return (ids["<|eot_id|>"][0],)

@@ -9,7 +9,7 @@ Chat templates: "alpaca" (the paper's: the Alpaca header, previous turns as `###
 (LLaMA-2's `[INST] <<SYS>> ... <</SYS>> ... [/INST]`, one BOS ... EOS span per exchanged turn) and
 "llama3" (LLaMA-3-Instruct's `<|start_header_id|>role<|end_header_id|>\n\n content <|eot_id|>` per
 message, in order, then the assistant's header; needs a tokenizer with those special tokens, and
-`<|eot_id|>` ends an answer: `template_stop_ids`).
+`<|eot_id|>` ends an answer: `generate.template_stop_ids`).
 Sampling defaults are the paper's (temperature 0.2, top-k 40, top-p 0.9, repetition penalty 1.1;
 `top_k` and `repetition_penalty` are accepted as extra fields); `max_tokens` defaults to 400 or
 what the context leaves. A prompt that does not fit the context with max_tokens is refused (400),
@@ -35,7 +35,6 @@ from cnllama_jax import generate as gen
 from cnllama_jax.data.encode import PROMPT_TEMPLATE
 
 TEMPLATES = ("alpaca", "llama2", "llama3")
-LLAMA3_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 DEFAULT_MAX_TOKENS = 400
 _DEFAULTS = gen.Sampling()
 
@@ -82,27 +81,6 @@ class ChatBody(_Sampling):
 
 # --- chat templates ------------------------------------------------------------------------------
 
-def template_stop_ids(tokenizer, template: str) -> tuple[int, ...]:
-  """The ids that end an answer in `template` beside the model's own: llama3's `<|eot_id|>`.
-  Raises a one-line ValueError when the tokenizer lacks the template's special tokens."""
-  if template != "llama3":
-    return ()
-  ids = {token: tokenizer.encode(token) for token in LLAMA3_SPECIALS}
-  missing = [token for token, pieces in ids.items() if len(pieces) != 1]
-  if missing:
-    raise ValueError(f"chat template 'llama3' needs a tokenizer with the special tokens "
-                     f"{', '.join(missing)} (a LLaMA-3 tokenizer.json); this one splits them")
-  return (ids["<|eot_id|>"][0],)
-
-
-def _llama3_text(messages: list[Message]) -> str:
-  """LLaMA-3-Instruct's chat text after BOS: every message in order, then the assistant's
-  header (contents stripped, as Meta's template does)."""
-  turns = "".join(
-      f"<|start_header_id|>{m.role}<|end_header_id|>\n\n{m.content.strip()}<|eot_id|>"
-      for m in messages)
-  return turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
-
 
 def chat_ids(tokenizer, messages: list[Message], template: str) -> list[int]:
   """Token ids (BOS included) of a conversation ending with a user turn."""
@@ -121,7 +99,7 @@ def chat_ids(tokenizer, messages: list[Message], template: str) -> list[int]:
     pairs.append((user.content, answer.content))
   bos, eos = tokenizer.bos_id(), tokenizer.eos_id()
   if template == "llama3":
-    return [bos] + tokenizer.encode(_llama3_text(messages))
+    return [bos] + tokenizer.encode(gen.llama3_prompt([(m.role, m.content) for m in messages]))
   if template == "alpaca":
     text = gen.chat_prompt(pairs, query)
     if system:
@@ -166,7 +144,7 @@ def create_app(engine: engine_lib.Engine, tokenizer, model_name: str,
   """The FastAPI app serving `engine` (started by the caller) under the id `model_name`."""
   if template not in TEMPLATES:
     raise ValueError(f"chat template {template!r}; expected one of {TEMPLATES}")
-  template_stop_ids(tokenizer, template)  # the template's special tokens exist
+  gen.template_stop_ids(tokenizer, template)  # the template's special tokens exist
   app = fastapi.FastAPI(title="cnllama_jax", docs_url=None, redoc_url=None)
   created = int(time.time())
 

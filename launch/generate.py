@@ -7,8 +7,9 @@
   # the paper's releases: a base plus PEFT LoRA(s), merged in order before generating
   python launch/generate.py --model=LLAMA_HF --lora=PLUS_LORA,ALPACA_LORA --interactive
 
-Prompts use the paper's Alpaca template (`--template=none` feeds raw text, for base LLaMA models),
-encoded as in training: BOS + token ids (SentencePiece, or a byte-level BPE tokenizer.json).
+Prompts use the paper's Alpaca template (`--template=none` feeds raw text, for base LLaMA models;
+`--template=llama3` LLaMA-3-Instruct's chat format, ending answers at `<|eot_id|>`), encoded as in
+training: BOS + token ids (SentencePiece, or a byte-level BPE tokenizer.json).
 Sampling defaults are the paper's (temperature 0.2, top-k 40, top-p 0.9, repetition penalty 1.1,
 400 new tokens); `--temperature=0` is greedy.
 
@@ -54,7 +55,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSONL output for --input, local o
                               "INPUT stem + .generated.jsonl).")
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "Chat in the terminal.")
 _SINGLE_TURN = flags.DEFINE_bool("single_turn", False, "Chat without history (as inference_hf.py).")
-_TEMPLATE = flags.DEFINE_enum("template", "alpaca", ["alpaca", "none"], "Prompt template.")
+_TEMPLATE = flags.DEFINE_enum("template", "alpaca", ["alpaca", "llama3", "none"],
+                              "Prompt template (llama3: LLaMA-3-Instruct's chat format).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts generated together in --input mode.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 400, "New tokens per response, at most.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 0, "KV cache slots (prompt + response); 0: automatic in "
@@ -121,7 +123,8 @@ class Generator:
       raise ValueError(f"the tokenizer has {self.sp.vocab_size()} pieces but the model's "
                        f"vocabulary is {self.cfg.vocab_size}: pass the model's own tokenizer")
     self.rng = jax.random.key(opts.seed)
-    self.stop_ids = gen.tokenizer_stop_ids(self.cfg, self.sp.eos_id())
+    self.stop_ids = (gen.tokenizer_stop_ids(self.cfg, self.sp.eos_id())
+                     + gen.template_stop_ids(self.sp, opts.template))
     merged = f" + LoRA {', '.join(opts.loras)}" if opts.loras else ""
     log(f"loaded {opts.model}{merged} (vocab {self.cfg.vocab_size}, "
         f"{self.cfg.num_hidden_layers} layers, mesh {tuple(self.mesh.devices.shape)}) in "
@@ -149,8 +152,10 @@ def log(text: str) -> None:
 
 
 def template(opts: Options, instruction: str, input: str = "") -> str:
-  return build_prompt(instruction, input) if opts.template == "alpaca" else (
-      instruction + ("\n" + input if input else ""))
+  if opts.template == "alpaca":
+    return build_prompt(instruction, input)
+  text = instruction + ("\n" + input if input else "")
+  return gen.llama3_prompt([("user", text)]) if opts.template == "llama3" else text
 
 
 def run_batch(generator: Generator, input_path: str, output: str | None) -> None:
@@ -224,6 +229,9 @@ def fit_chat_prompt(generator: Generator, history: list, query: str, room: int) 
   while True:
     if generator.opts.template == "alpaca":
       text = gen.chat_prompt(history, query)
+    elif generator.opts.template == "llama3":
+      text = gen.llama3_prompt([t for q, a in history for t in (("user", q), ("assistant", a))]
+                               + [("user", query)])
     else:
       text = "".join(q + "\n" + a + "\n" for q, a in history) + query
     if len(generator.encode(text)) <= room:

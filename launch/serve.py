@@ -70,7 +70,7 @@ def build(args):
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size()} pieces but the model's "
                      f"vocabulary is {cfg.vocab_size}: pass the model's own tokenizer")
   stop_ids = (gen.tokenizer_stop_ids(cfg, tokenizer.eos_id())
-              + serve.template_stop_ids(tokenizer, args.template))
+              + gen.template_stop_ids(tokenizer, args.template))
   engine = engine_lib.Engine(cfg, params, slots=args.slots, lora=lora, mesh=mesh,
                              context=args.context or None, eos_id=stop_ids)
   if not engine.leader:

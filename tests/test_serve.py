@@ -254,11 +254,18 @@ def test_llama3_chat_template_gives_transformers_ids_and_stops_at_eot(tmp_path, 
     want = want["input_ids"] if not isinstance(want, list) else want
     got = serve.chat_ids(ours, [serve.Message(role=r, content=c) for r, c in turns], "llama3")
     assert got == list(want)
-  assert serve.template_stop_ids(ours, "llama3") == (theirs.convert_tokens_to_ids("<|eot_id|>"),)
-  assert serve.template_stop_ids(ours, "alpaca") == ()
+  assert gen.template_stop_ids(ours, "llama3") == (theirs.convert_tokens_to_ids("<|eot_id|>"),)
+  assert gen.template_stop_ids(ours, "alpaca") == ()
+  launch = sys.modules.get("launch_generate") or _load("launch_generate")  # absl flags: once
+  # launch/generate.py --template llama3: one user turn, the same ids
+  opts = launch.Options(model="", template="llama3")
+  want = theirs.apply_chat_template([{"role": "user", "content": "Translate\nhello"}],
+                                    add_generation_prompt=True)
+  want = want["input_ids"] if not isinstance(want, list) else want
+  assert [ours.bos_id()] + ours.encode(launch.template(opts, "Translate", "hello")) == list(want)
   sentencepiece = text_tokenizer.load(model_dir)  # no LLaMA-3 special tokens
   with pytest.raises(ValueError, match=r"^chat template 'llama3' needs a tokenizer with the "):
-    serve.template_stop_ids(sentencepiece, "llama3")
+    gen.template_stop_ids(sentencepiece, "llama3")
 
 
 def test_two_processes_serve_one_engine_and_stop_together(model_dir, generator):
