@@ -110,7 +110,7 @@ def compile_inference(model: str, topology: str, *, batch: int = 16, context: in
   rows = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=state_sh["cache"]["mask"])
   rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                              sharding=replicated)
-  eos = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)  # the stop ids (one)
   state_shape = jax.eval_shape(prefill, params, rows, rows, rng, eos)[0]
   state = abstract(state_shape, state_sh)
   programs = [_compile("prefill", prefill, params, rows, rows, rng, eos),

@@ -61,6 +61,18 @@ def test_tiny_stage2_compiles_and_fits_on_v5e_8():
 
 
 @needs_libtpu
+def test_tiny_inference_programs_compile_for_v5e_8():
+  """launch/aot_inference.py's path: generate's prefill and decode (stop ids and all) lowered and
+  compiled for a TPU topology; the decode step updates its cache in place."""
+  from cnllama_jax import aot_inference  # pylint: disable=import-outside-toplevel
+  report = aot_inference.compile_inference("tiny", "v5e-8", batch=8, context=128, vocab_size=512)
+  assert [p.name for p in report.programs] == ["prefill", "decode"]
+  for program in report.programs:
+    assert not program.oom and program.argument_bytes > 0 and program.temp_bytes > 0
+  assert report.programs[1].alias_bytes > 0  # the donated decode state
+
+
+@needs_libtpu
 def test_launch_exits_1_when_the_step_does_not_fit():
   """A batch too large for a v5e chip: the compiler's out-of-memory becomes fits=False, printed
   as DOES NOT FIT with the compiler's figures, and the launcher exits 1."""
