@@ -247,10 +247,11 @@ def generate(cfg: LlamaConfig, params: Any, prompt_ids: Sequence[Sequence[int]],
   """Continues each prompt (token ids, BOS included) by up to `max_new_tokens` tokens.
 
   Returns the new tokens of each row, ending with the stop id the row stopped on, if any. eos_id:
-  one id or several (`stop_ids_of`), default cfg.stop_ids; a negative value never stops early. on_token(new) is called once per step with
-  the token each row just produced (None for rows that had already stopped). max_len: cache slots
-  (default: padded prompt + max_new_tokens, rounded up to 128); a fixed value lets prompts of any
-  length up to it reuse one compiled decode step. Params holding LoRA adapters need `lora`.
+  one id or several (`stop_ids_of`), default cfg.stop_ids; a negative value never stops early.
+  on_token(new) is called once per step with the token each row just produced (None for rows
+  that had already stopped). max_len: cache slots (default: padded prompt + max_new_tokens,
+  rounded up to 128); a fixed value lets prompts of any length up to it reuse one compiled decode
+  step. Params holding LoRA adapters need `lora`.
 
   mesh (a `sharding.make_mesh` mesh) and rules: run sharded as in training: params in the layout
   of `param_shardings` (moved there if they are elsewhere), the batch over the data axes, the cache

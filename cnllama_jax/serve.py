@@ -81,7 +81,6 @@ class ChatBody(_Sampling):
 
 # --- chat templates ------------------------------------------------------------------------------
 
-
 def chat_ids(tokenizer, messages: list[Message], template: str) -> list[int]:
   """Token ids (BOS included) of a conversation ending with a user turn."""
   if not messages:

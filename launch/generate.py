@@ -209,12 +209,12 @@ class Stream:
   """Prints one row's tokens as they arrive (whole characters only: byte-fallback pieces of a
   multi-byte character are held back until it is complete)."""
 
-  def __init__(self, sp, stop_ids=()):
+  def __init__(self, sp, stop_ids):
     self.sp, self.stop_ids, self.ids, self.shown = sp, frozenset(stop_ids), [], 0
 
   def __call__(self, new: list) -> None:
     token = new[0]
-    if token is None or token in self.stop_ids or token == self.sp.eos_id():
+    if token is None or token in self.stop_ids:  # Generator.stop_ids: the tokenizer's EOS too
       return
     self.ids.append(token)
     text = self.sp.decode(self.ids)
